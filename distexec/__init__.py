@@ -1,0 +1,101 @@
+"""distexec: Julia's ``Distributed`` for Python.
+
+A master (pid 1) and numbered workers (2, 3, ...) that call each other's functions:
+``remotecall``, ``Future``, ``RemoteChannel``, ``pmap``, ``WorkerPool``, cluster managers,
+and ``DistributedExecutor``, a drop-in ``concurrent.futures`` executor.
+"""
+
+from __future__ import annotations
+
+from . import _refstore as _refstore  # noqa: F401  (wires the owner side)
+from ._api import addprocs as addprocs
+from ._api import cluster_cookie as cluster_cookie
+from ._api import interrupt as interrupt
+from ._api import myid as myid
+from ._api import myrole as myrole
+from ._api import nprocs as nprocs
+from ._api import nworkers as nworkers
+from ._api import procs as procs
+from ._api import rmprocs as rmprocs
+from ._api import statistics as statistics
+from ._api import workers as workers
+from ._free import fetch as fetch
+from ._free import isready as isready
+from ._free import put as put
+from ._free import take as take
+from ._free import wait as wait
+from ._ids import RRID as RRID
+from ._remotecall import remote_do as remote_do
+from ._remotecall import remotecall as remotecall
+from ._remotecall import remotecall_fetch as remotecall_fetch
+from ._remotecall import remotecall_wait as remotecall_wait
+from ._version import __version__ as __version__
+from .errors import AuthenticationError as AuthenticationError
+from .errors import CapturedException as CapturedException
+from .errors import ChannelClosedError as ChannelClosedError
+from .errors import ClusterClosedError as ClusterClosedError
+from .errors import ClusterError as ClusterError
+from .errors import DeserializationError as DeserializationError
+from .errors import DistexecError as DistexecError
+from .errors import LaunchError as LaunchError
+from .errors import ProcessExitedException as ProcessExitedException
+from .errors import ProtocolError as ProtocolError
+from .errors import RemoteException as RemoteException
+from .errors import SerializationError as SerializationError
+from .errors import TaskTimeoutError as TaskTimeoutError
+from .errors import VersionMismatchError as VersionMismatchError
+from .errors import WorkerDiedError as WorkerDiedError
+from .errors import WorkerLostError as WorkerLostError
+from .errors import WorkerTimeoutError as WorkerTimeoutError
+from .errors import WorkerUnresponsiveError as WorkerUnresponsiveError
+from .managers.base import ClusterManager as ClusterManager
+from .managers.base import WorkerConfig as WorkerConfig
+from .managers.local import LocalManager as LocalManager
+from .refs import Future as Future
+
+__all__ = [
+    "RRID",
+    "AuthenticationError",
+    "CapturedException",
+    "ChannelClosedError",
+    "ClusterClosedError",
+    "ClusterError",
+    "ClusterManager",
+    "DeserializationError",
+    "DistexecError",
+    "Future",
+    "LaunchError",
+    "LocalManager",
+    "ProcessExitedException",
+    "ProtocolError",
+    "RemoteException",
+    "SerializationError",
+    "TaskTimeoutError",
+    "VersionMismatchError",
+    "WorkerConfig",
+    "WorkerDiedError",
+    "WorkerLostError",
+    "WorkerTimeoutError",
+    "WorkerUnresponsiveError",
+    "__version__",
+    "addprocs",
+    "cluster_cookie",
+    "fetch",
+    "interrupt",
+    "isready",
+    "myid",
+    "myrole",
+    "nprocs",
+    "nworkers",
+    "procs",
+    "put",
+    "remote_do",
+    "remotecall",
+    "remotecall_fetch",
+    "remotecall_wait",
+    "rmprocs",
+    "statistics",
+    "take",
+    "wait",
+    "workers",
+]

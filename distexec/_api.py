@@ -1,0 +1,519 @@
+"""Julia-style free functions on this process's group: addprocs, rmprocs, procs, myid, ...
+
+Layer: L6 runtime/API. Imports: everything below.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from . import _cluster, _config, refs
+from ._cluster import GroupStatistics, PeerState, TOPOLOGIES
+from ._ids import MASTER, WorkerId
+from .errors import ClusterError, LaunchError, WorkerTimeoutError
+from .managers import local as _local
+from .managers.base import ClusterManager, WorkerConfig
+
+#: One addprocs/rmprocs at a time (Julia's ``worker_lock``).
+_worker_lock = threading.RLock()
+
+_COMMON_PARAMS: dict[str, Any] = {
+    "topology": "all_to_all",
+    "dir": None,
+    "exename": None,
+    "exeflags": (),
+    "env": None,
+    "enable_threaded_blas": False,
+    "lazy": True,
+    "timeout": None,
+}
+
+
+def _group() -> _cluster.ProcessGroup:
+    refs.store()  # make sure the owner side is wired before any message can arrive
+    return _cluster.group()
+
+
+def myid() -> WorkerId:
+    """This process's id: 1 on the master, 2, 3, ... on workers. Julia: ``myid()``."""
+    return _cluster.group().myid
+
+
+def myrole() -> str:
+    """``"master"`` or ``"worker"``. Julia: ``Distributed.myrole()``."""
+    return _cluster.group().role
+
+
+def procs(pid: WorkerId | None = None) -> list[WorkerId]:
+    """All process ids, pid 1 included (Julia: ``procs()``); with *pid*, the processes on the
+    same host as *pid* (Julia: ``procs(pid)``)."""
+    g = _cluster.group()
+    if pid is None:
+        return g.procs()
+    if g.myid != MASTER:
+        return list(g.call_fetch(MASTER, _sys_procs_on_host, (pid,), {}))  # type: ignore[call-overload]
+    return _procs_on_host(pid)
+
+
+def _host_of(pid: WorkerId) -> str:
+    g = _cluster.group()
+    if pid == g.myid:
+        return "local"
+    peer = g.peer(pid)
+    if peer is None:
+        raise ValueError(f"no process with id {pid}")
+    if isinstance(peer.manager, _local.LocalManager):
+        return "local"
+    addr = peer.address
+    return str(addr[0]) if isinstance(addr, tuple) else str(addr)
+
+
+def _procs_on_host(pid: WorkerId) -> list[WorkerId]:
+    g = _cluster.group()
+    g.check_pid(pid)
+    host = _host_of(pid)
+    return sorted(p for p in g.procs() if _host_of(p) == host)
+
+
+def _sys_procs_on_host(pid: WorkerId) -> list[WorkerId]:
+    return _procs_on_host(pid)
+
+
+_sys_procs_on_host.distexec_system = True  # type: ignore[attr-defined]
+
+
+def workers() -> list[WorkerId]:
+    """Worker ids; ``[1]`` when there are none (Julia: ``workers()``)."""
+    return _cluster.group().worker_ids()
+
+
+def nprocs() -> int:
+    """The number of processes, pid 1 included (Julia: ``nprocs()``)."""
+    return len(_cluster.group().procs())
+
+
+def nworkers() -> int:
+    """The number of workers; 1 when there are none, as in Julia (``nworkers()``)."""
+    n = nprocs()
+    return 1 if n == 1 else n - 1
+
+
+def cluster_cookie(cookie: str | None = None) -> str:
+    """Return the cluster cookie, or set it (before any worker exists) and return it.
+
+    Julia: ``cluster_cookie()``, ``cluster_cookie(c)``. The cookie authenticates every
+    connection; it travels on a worker's stdin, never on a command line.
+    """
+    g = _cluster.group()
+    if cookie is not None:
+        if not isinstance(cookie, str):
+            raise TypeError("the cookie must be a str")
+        if not cookie.isascii() or "\n" in cookie:
+            raise ValueError("the cookie must be ASCII text on one line")
+        g.set_cookie(cookie)
+    return g.cookie().decode()
+
+
+def statistics() -> GroupStatistics:
+    """A frozen snapshot of this process's view: refs it owns, handles it holds, workers."""
+    refs.store()
+    return _cluster.group().statistics()
+
+
+# ---------------------------------------------------------------------------- addprocs
+
+
+def _require_master(what: str) -> _cluster.ProcessGroup:
+    g = _group()
+    if g.myid != MASTER:
+        raise ClusterError("Only process 1 can add and remove workers")
+    return g
+
+
+def addprocs(
+    arg: int | ClusterManager | Sequence[Any] | None = None,
+    /,
+    *,
+    restrict: bool = True,
+    **kwargs: Any,
+) -> list[WorkerId]:
+    """Start workers and add them to the group; return their new pids, sorted.
+
+    Julia: ``addprocs(np; restrict=true, kw...)``, ``addprocs(; kw...)`` (one per usable CPU),
+    ``addprocs(machines; ...)`` and ``addprocs(manager; kw...)``.
+
+    Keywords: ``topology`` (``"all_to_all"``, ``"master_worker"``, ``"custom"``), ``lazy``,
+    ``dir``, ``exename``, ``exeflags``, ``env``, ``enable_threaded_blas``, and ``timeout``
+    (seconds to wait for each worker; default ``DISTEXEC_WORKER_TIMEOUT``).
+
+    Raises:
+        ClusterError: called on a worker, or a topology/lazy change while workers exist.
+        LaunchError: the manager failed (its message is kept); workers that did start stay.
+    """
+    g = _require_master("add")
+    if arg is None:
+        from loky import cpu_count
+
+        manager: ClusterManager = _local.LocalManager(int(cpu_count()), restrict)
+    elif isinstance(arg, ClusterManager):
+        manager = arg
+    elif isinstance(arg, bool):
+        raise TypeError("addprocs takes a number of workers, a list of machines or a manager")
+    elif isinstance(arg, int):
+        manager = _local.LocalManager(arg, restrict)
+    elif isinstance(arg, Sequence) and not isinstance(arg, (str, bytes)):
+        from .managers import ssh
+
+        manager = ssh.SSHManager(arg)
+    else:
+        raise TypeError(
+            "addprocs takes a number of workers, a list of machines or a ClusterManager, "
+            f"not {type(arg).__name__}"
+        )
+    params = _check_params(manager, kwargs)
+    with _worker_lock:
+        _set_topology(g, str(params["topology"]), bool(params["lazy"]))
+        new = _launch_and_connect(g, manager, params)
+    return new
+
+
+def _check_params(manager: ClusterManager, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    params = dict(_COMMON_PARAMS)
+    params.update(manager.default_params())
+    for k in kwargs:
+        if k not in params:
+            raise ValueError(f"Invalid keyword argument {k}")
+    params.update(kwargs)
+    if params["topology"] not in TOPOLOGIES:
+        raise ValueError(
+            f"topology must be one of {', '.join(map(repr, TOPOLOGIES))}, not {params['topology']!r}"
+        )
+    if params["topology"] != "all_to_all":
+        params["lazy"] = False
+    return params
+
+
+def _set_topology(g: _cluster.ProcessGroup, topology: str, lazy: bool) -> None:
+    live = [p for p in g.peers() if p.state is not PeerState.TERMINATED]
+    if live and topology != g.topology:
+        raise ClusterError(
+            f"Workers with Topology {g.topology} already exist. "
+            f"Requested Topology {topology} cannot be set."
+        )
+    if live and g.topology == "all_to_all" and lazy != g.lazy:
+        raise ClusterError(f"Active workers with lazy={g.lazy}. Cannot set lazy={lazy}")
+    g.topology = topology
+    g.lazy = lazy
+
+
+def _launch_and_connect(
+    g: _cluster.ProcessGroup, manager: ClusterManager, params: dict[str, Any]
+) -> list[WorkerId]:
+    timeout = float(params["timeout"]) if params["timeout"] is not None else _config.worker_timeout()
+    params["cookie"] = g.cookie()
+    params["timeout"] = timeout
+    launched: list[WorkerConfig] = []
+    ntfy = threading.Condition()
+    launch_error: list[BaseException] = []
+    launch_done = threading.Event()
+
+    def run_launch() -> None:
+        try:
+            manager.launch(params, launched, ntfy)
+        except BaseException as exc:
+            launch_error.append(exc)
+        finally:
+            launch_done.set()
+            with ntfy:
+                ntfy.notify_all()
+
+    threading.Thread(target=run_launch, name="distexec-launch", daemon=True).start()
+    pool = cf.ThreadPoolExecutor(max_workers=64, thread_name_prefix="distexec-setup")
+    setups: list[tuple[WorkerId, cf.Future[WorkerId]]] = []
+    try:
+        while True:
+            with ntfy:
+                while not launched and not launch_done.is_set():
+                    ntfy.wait(1.0)
+                batch, launched[:] = list(launched), []
+            for config in batch:
+                pid = g.new_pid()
+                setups.append((pid, pool.submit(_setup_worker, g, pid, config, manager, timeout)))
+            if launch_done.is_set():
+                with ntfy:
+                    if not launched:
+                        break
+        errors: list[BaseException] = []
+        new: list[WorkerId] = []
+        for pid, fut in setups:
+            try:
+                new.append(fut.result())
+            except BaseException as exc:
+                errors.append(exc)
+    finally:
+        pool.shutdown(wait=True)
+    if new:
+        g.push_membership()
+        _ensure_atexit()
+    if launch_error:
+        exc = launch_error[0]
+        if isinstance(exc, LaunchError):
+            raise exc
+        raise LaunchError(f"{type(manager).__name__}.launch failed: {exc}") from exc
+    if errors:
+        if len(errors) == 1:
+            raise errors[0]
+        raise ExceptionGroup(f"{len(errors)} of {len(setups)} workers failed to start", errors)  # type: ignore[type-var]
+    return sorted(new)
+
+
+def _setup_worker(
+    g: _cluster.ProcessGroup,
+    pid: WorkerId,
+    config: WorkerConfig,
+    manager: ClusterManager,
+    timeout: float,
+) -> WorkerId:
+    deadline = time.monotonic() + timeout
+    relay: _local.OutputRelay | None = None
+    try:
+        try:
+            streams = manager.connect(pid, config)
+        except NotImplementedError:
+            streams = None
+        if streams is not None:
+            raise LaunchError(
+                f"{type(manager).__name__}.connect returned streams; custom stream transports "
+                "are not supported yet: return nothing (raise NotImplementedError) and report "
+                "host/port or io in the WorkerConfig"
+            )
+        else:
+            if config.io is not None:
+                host, port = _local.read_banner(
+                    config.io, deadline, lambda line: print(f"From worker {pid}: {line}")
+                )
+                host = config.bind_addr or host
+            elif config.host is not None and config.port is not None:
+                host, port = config.host, config.port
+            else:
+                raise LaunchError(
+                    f"{type(manager).__name__} gave worker {pid} neither io nor host/port"
+                )
+            relay = _start_relay(pid, config)
+            address = (host, port)
+            config.connect_at = address
+            peer = g.connect_worker(
+                pid, address, config, manager, timeout=max(0.1, deadline - time.monotonic())
+            )
+        if relay is not None:
+            peer.output_tail = relay.tail
+        try:
+            manager.manage(pid, config, "register")
+        except Exception as exc:
+            _cluster._log(f"{type(manager).__name__}.manage(register) failed: {exc}")
+        return pid
+    except BaseException as exc:
+        _kill_failed(pid, config, manager)
+        if isinstance(exc, (LaunchError, ClusterError)):
+            raise
+        if isinstance(exc, TimeoutError):
+            raise WorkerTimeoutError(
+                f"worker {pid} did not connect within {timeout:g} seconds{_tail(config)}",
+                host=str(config.host or ""),
+                stderr_tail=_tail(config),
+            ) from exc
+        raise LaunchError(
+            f"worker {pid} could not be set up: {type(exc).__name__}: {exc}{_tail(config)}",
+            host=str(config.host or ""),
+        ) from exc
+
+
+def _start_relay(pid: WorkerId, config: WorkerConfig) -> _local.OutputRelay | None:
+    import sys
+
+    proc = config.process
+    streams = []
+    if config.io is not None:
+        streams.append((config.io, sys.stdout))
+    if isinstance(proc, subprocess.Popen) and proc.stderr is not None:
+        streams.append((proc.stderr, sys.stderr))
+    if not streams:
+        return None
+    relay = _local.OutputRelay(pid, streams)
+    config.extra["relay"] = relay
+    return relay
+
+
+def _tail(config: WorkerConfig) -> str:
+    proc = config.process
+    if isinstance(proc, subprocess.Popen) and proc.stderr is not None and "relay" not in config.extra:
+        try:
+            if proc.poll() is not None:
+                data = proc.stderr.read() or b""
+                text = data.decode(errors="replace").strip()
+                if text:
+                    return "; its stderr ended with:\n" + "\n".join(text.splitlines()[-15:])
+        except (OSError, ValueError):
+            pass
+    return ""
+
+
+def _kill_failed(pid: WorkerId, config: WorkerConfig, manager: ClusterManager) -> None:
+    g = _cluster.group()
+    g.forget(pid, "failed to start")
+    try:
+        manager.kill(pid, config)
+    except Exception:
+        pass
+    proc = config.process
+    if isinstance(proc, subprocess.Popen):
+        _local.stop_process(proc, grace=0.0, term_grace=1.0)
+
+
+# ---------------------------------------------------------------------------- rmprocs
+
+
+def rmprocs(
+    *pids: WorkerId | Iterable[WorkerId], waitfor: float | None = None
+) -> cf.Future[None] | None:
+    """Remove workers: ask each to exit, then SIGTERM, then SIGKILL; leave no zombie.
+
+    Julia: ``rmprocs(pids...; waitfor=typemax(Int))``. ``waitfor=None`` waits until they are
+    gone; ``waitfor=0`` returns at once with a ``concurrent.futures.Future`` to wait on;
+    another number waits that long and raises ``ClusterError`` if any is still running.
+    Calls still waiting on a removed worker fail with ``ClusterClosedError``.
+    """
+    g = _require_master("remove")
+    flat: list[WorkerId] = []
+    for p in pids:
+        if isinstance(p, int):
+            flat.append(p)
+        else:
+            flat.extend(p)
+    targets = []
+    for pid in flat:
+        if pid == MASTER:
+            _cluster._log("rmprocs: process 1 not removed")
+            continue
+        g.check_pid(pid) if g.peer(pid) is None else None
+        targets.append(pid)
+
+    done: cf.Future[None] = cf.Future()
+
+    def remove_all() -> None:
+        try:
+            with _worker_lock:
+                threads = [
+                    threading.Thread(target=_remove_one, args=(g, pid), daemon=True)
+                    for pid in targets
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                g.push_membership(removed=targets)
+            done.set_result(None)
+        except BaseException as exc:  # pragma: no cover
+            done.set_exception(exc)
+
+    if waitfor == 0:
+        threading.Thread(target=remove_all, name="distexec-rmprocs", daemon=True).start()
+        return done
+    if waitfor is None:
+        remove_all()
+        done.result()
+        return None
+    threading.Thread(target=remove_all, name="distexec-rmprocs", daemon=True).start()
+    try:
+        done.result(timeout=waitfor)
+    except cf.TimeoutError:
+        raise ClusterError(
+            f"rmprocs: pids {targets} not terminated after {waitfor} seconds."
+        ) from None
+    return None
+
+
+def _remove_one(g: _cluster.ProcessGroup, pid: WorkerId) -> None:
+    peer = g.peer(pid)
+    if peer is None:
+        return
+    peer.closing = True
+    peer.exit_reason = peer.exit_reason or "removed by rmprocs"
+    g.send_exit(pid)
+    config, manager = peer.config, peer.manager
+    if manager is not None and config is not None:
+        try:
+            manager.kill(pid, config)
+        except Exception as exc:
+            _cluster._log(f"{type(manager).__name__}.kill({pid}) failed: {exc}")
+    proc = config.process if config is not None else None
+    if isinstance(proc, subprocess.Popen):
+        _local.stop_process(proc)
+    g.forget(pid, "removed by rmprocs")
+    relay = config.extra.get("relay") if config is not None else None
+    if relay is not None:
+        relay.done.wait(1.0)
+    if manager is not None and config is not None:
+        for op in ("deregister", "finalize"):
+            try:
+                manager.manage(pid, config, op)
+            except Exception:
+                pass
+
+
+def _rmprocs_all_at_exit() -> None:
+    g = _cluster.group()
+    if g.myid != MASTER:
+        return
+    live = [p.pid for p in g.peers() if p.state is not PeerState.TERMINATED]
+    if live:
+        try:
+            rmprocs(live, waitfor=10)
+        except Exception:
+            pass
+
+
+_atexit_done = False
+
+
+def _ensure_atexit() -> None:
+    global _atexit_done
+    if not _atexit_done:
+        _atexit_done = True
+        atexit.register(_rmprocs_all_at_exit)
+
+
+# ---------------------------------------------------------------------------- interrupt
+
+
+def interrupt(*pids: WorkerId | Iterable[WorkerId]) -> None:
+    """Raise ``KeyboardInterrupt`` in the calls running on *pids* (default: all workers).
+
+    Julia: ``interrupt(pids...)``. Only calls in flight are hit; the worker lives on, and an
+    idle worker is untouched. The interrupted call's Future fails with a ``RemoteException``
+    wrapping the ``KeyboardInterrupt``.
+    """
+    from ._interrupt import _sys_interrupt
+
+    g = _require_master("interrupt")
+    flat: list[WorkerId] = []
+    for p in pids:
+        flat.extend([p] if isinstance(p, int) else p)
+    if not flat:
+        flat = [p for p in g.procs() if p != MASTER]
+    for pid in flat:
+        g.check_pid(pid)
+    for pid in flat:
+        peer = g.peer(pid)
+        g.call_do(pid, _sys_interrupt, (), {})
+        if peer is not None and peer.manager is not None and peer.config is not None:
+            try:
+                peer.manager.manage(pid, peer.config, "interrupt")
+            except Exception:
+                pass

@@ -1,0 +1,1013 @@
+"""The process group: who is in it, how to reach each member, and what happens when one goes.
+
+Layer: L3 cluster. Imports: L0-L2, distexec.managers.base.
+
+One :class:`ProcessGroup` per process. pid 1 (the master) dials every worker it adds; workers
+listen, and connect to each other lazily (the higher pid dials the lower) at their first
+message. Each connection has one reader thread that never runs user code: it completes
+replies, hands calls to the :class:`~distexec._runner.Runner`, and on EOF fails everything
+that waited on that peer with ``ProcessExitedException`` (or ``ClusterClosedError`` when we
+closed it ourselves).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from . import _config
+from ._ids import MASTER, RRID, Counter, WorkerId
+from ._protocol import codec
+from ._protocol.messages import (
+    CallMode,
+    CallMsg,
+    DoneMsg,
+    ExitMsg,
+    IdentifyMsg,
+    JoinAckMsg,
+    JoinMsg,
+    MembershipMsg,
+    Message,
+    RefsMsg,
+    ResultMsg,
+)
+from ._runner import Runner
+from ._transport import connection as _conn
+from ._transport.connection import Connection
+from ._transport.framing import Frame
+from .errors import (
+    CapturedException,
+    ClusterClosedError,
+    ClusterError,
+    DeserializationError,
+    ProcessExitedException,
+    ProtocolError,
+    RemoteException,
+    SerializationError,
+)
+from .managers.base import ClusterManager, WorkerConfig
+
+TOPOLOGIES = ("all_to_all", "master_worker", "custom")
+
+
+class PeerState(enum.Enum):
+    CREATED = "created"
+    CONNECTED = "connected"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+
+
+class Peer:
+    """Another process of the group, as this process sees it."""
+
+    __slots__ = (
+        "address",
+        "awaiting",
+        "closing",
+        "cond",
+        "config",
+        "conn",
+        "connecting",
+        "cpu_threads",
+        "exit_reason",
+        "hostname",
+        "manager",
+        "ospid",
+        "output_tail",
+        "pending",
+        "pid",
+        "state",
+    )
+
+    def __init__(self, pid: WorkerId, address: Any = None) -> None:
+        self.pid = pid
+        self.state = PeerState.CREATED
+        self.conn: Connection | None = None
+        self.address = address
+        self.config: WorkerConfig | None = None
+        self.manager: ClusterManager | None = None
+        self.ospid: int | None = None
+        self.hostname = ""
+        self.cpu_threads = 0
+        self.cond = threading.Condition()  # guards: state, conn, connecting
+        self.connecting = False
+        self.closing = False  # we asked it to go: its loss is ClusterClosedError, not an exit
+        self.pending: set[int] = set()  # call ids waiting for a reply from this peer
+        self.awaiting: set[RRID] = set()  # futures whose value this peer will push
+        self.exit_reason = ""
+        self.output_tail: deque[str] = deque(maxlen=40)
+
+    def __repr__(self) -> str:
+        addr = self.address
+        if isinstance(addr, tuple):
+            addr = f"{addr[0]}:{addr[1]}"
+        return f"<Worker id={self.pid} state={self.state.value} addr={addr}>"
+
+
+class Reply:
+    """A one-shot slot for the answer to a call; the cheapest wait CPython has (a lock)."""
+
+    __slots__ = ("_lock", "ok", "pid", "value")
+
+    def __init__(self, pid: WorkerId) -> None:
+        self.pid = pid
+        self.ok = False
+        self.value: object = None
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self, ok: bool, value: object) -> None:
+        self.ok = ok
+        self.value = value
+        self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0))
+
+
+class Awaitable:
+    """What a pushed :class:`DoneMsg` completes (implemented by ``refs.Future``)."""
+
+    def _complete(self, ok: bool, value: object, inline: bool) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatistics:
+    """A snapshot of this process's view of the group (see ``distexec.statistics``)."""
+
+    myid: int
+    role: str
+    workers: int
+    owned_refs: int
+    client_refs: int
+    pending_calls: int
+    awaiting_futures: int
+    runner_threads: int
+    bytes_sent: int
+    bytes_received: int
+
+
+class ProcessGroup:
+    """This process's membership in a cluster, and the machinery that moves its messages."""
+
+    def __init__(self) -> None:
+        self.myid: WorkerId = MASTER
+        self.role = "master"
+        self._cookie: bytes | None = None
+        self._lock = threading.RLock()  # guards: _peers, _removed, topology, lazy, listener
+        self._peers: dict[WorkerId, Peer] = {}
+        self._removed: set[WorkerId] = set()
+        self._next_pid = Counter(2)
+        self._call_ids = Counter(1)
+        self._pending: dict[int, Reply] = {}
+        self._pending_lock = threading.Lock()  # guards: _pending, Peer.pending, Peer.awaiting
+        self.awaiting: dict[RRID, Awaitable] = {}
+        self.topology = "all_to_all"
+        self.lazy = True
+        self.runner = Runner()
+        self.listen_address: Any = None
+        self._listener: socket.socket | None = None
+        self.joined = threading.Event()
+        self.exit_requested = threading.Event()
+        self.extra_handlers: dict[int, Callable[[Peer, Frame], None]] = {}
+        # Hooks for higher layers (refs, pools); set by _runtime.
+        self.on_peer_lost: list[Callable[[WorkerId], None]] = []
+        self.on_peer_joined: list[Callable[[WorkerId], None]] = []
+        self.refs_handler: Callable[[Peer, RefsMsg], None] = lambda peer, msg: None
+        self.owner_complete: Callable[[RRID, WorkerId, bool, object], None] = (
+            lambda rrid, creator, ok, value: None
+        )
+        self.owner_register: Callable[[RRID, WorkerId], None] = lambda rrid, creator: None
+        self.stats_hook: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self.worker_options: dict[str, object] = {}
+        self._closed_bytes = [0, 0]
+
+    # ------------------------------------------------------------------ identity
+
+    def cookie(self) -> bytes:
+        """The cluster cookie, made on first use (random, 32 bytes of entropy)."""
+        with self._lock:
+            if self._cookie is None:
+                self._cookie = secrets.token_hex(16).encode()
+            return self._cookie
+
+    def set_cookie(self, cookie: str | bytes) -> None:
+        with self._lock:
+            if any(p.state is not PeerState.TERMINATED for p in self._peers.values()):
+                raise ClusterError("cannot change the cluster cookie while workers exist")
+            self._cookie = cookie.encode() if isinstance(cookie, str) else bytes(cookie)
+
+    def _hello(self) -> dict[str, Any]:
+        return {"myid": self.myid, "role": self.role, "ospid": os.getpid()}
+
+    # ------------------------------------------------------------------ membership
+
+    def peer(self, pid: WorkerId) -> Peer | None:
+        return self._peers.get(pid)
+
+    def peers(self) -> list[Peer]:
+        with self._lock:
+            return list(self._peers.values())
+
+    def procs(self) -> list[WorkerId]:
+        """pid 1 and every member this process counts, sorted (Julia's ``procs()``)."""
+        with self._lock:
+            if self.role == "master":
+                ids = [p.pid for p in self._peers.values() if p.state is PeerState.CONNECTED]
+            else:
+                ids = [p.pid for p in self._peers.values() if p.state is not PeerState.TERMINATED]
+        ids.append(self.myid)
+        return sorted(set(ids))
+
+    def worker_ids(self) -> list[WorkerId]:
+        ids = [p for p in self.procs() if p != MASTER]
+        return ids or [MASTER]
+
+    def is_removed(self, pid: WorkerId) -> bool:
+        return pid in self._removed
+
+    def check_pid(self, pid: object) -> WorkerId:
+        """Validate *pid* for a call: a clear error for a bad or unknown one, fast."""
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TypeError(f"a process id must be an int, not {type(pid).__name__}")
+        if pid == self.myid:
+            return pid
+        peer = self._peers.get(pid)
+        if peer is None or peer.state is PeerState.TERMINATED or pid in self._removed:
+            if pid in self._removed or (peer is not None):
+                reason = peer.exit_reason if peer is not None and peer.exit_reason else "removed"
+                raise ProcessExitedException(
+                    f"worker {pid} is no longer part of the group ({reason})", pid=pid
+                )
+            raise ValueError(
+                f"no process with id {pid} in this group (known: {self.procs()}); "
+                "ids come from addprocs() and are never reused"
+            )
+        return pid
+
+    # ------------------------------------------------------------------ connections
+
+    def _start_reader(self, peer: Peer, conn: Connection) -> None:
+        threading.Thread(
+            target=self._read_loop,
+            args=(peer, conn),
+            name=f"distexec-recv-w{peer.pid}",
+            daemon=True,
+        ).start()
+
+    def connection_to(self, pid: WorkerId) -> Connection:
+        """The live connection to *pid*, connecting lazily if this is a worker.
+
+        Raises:
+            ProcessExitedException: *pid* is gone.
+            ClusterError: the topology forbids a link to *pid*.
+        """
+        peer = self._peers.get(pid)
+        if peer is not None:
+            conn = peer.conn
+            if conn is not None and peer.state is PeerState.CONNECTED:
+                return conn
+        self.check_pid(pid)
+        peer = self._peers[pid]
+        return self._lazy_connect(peer)
+
+    def _lazy_connect(self, peer: Peer) -> Connection:
+        deadline = time.monotonic() + _config.worker_timeout()
+        with peer.cond:
+            while True:
+                if peer.state is PeerState.TERMINATED:
+                    raise self._lost_error(peer)
+                if peer.conn is not None and peer.state is PeerState.CONNECTED:
+                    return peer.conn
+                if self.role == "master":
+                    # The master dials workers when it adds them; wait for that to finish.
+                    pass
+                elif self.topology == "master_worker" and MASTER not in (peer.pid, self.myid):
+                    raise ClusterError(
+                        f"peer {peer.pid} is not connected to {self.myid}. Topology : master_worker"
+                    )
+                elif not peer.connecting:
+                    peer.connecting = True
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ProcessExitedException(
+                        f"peer {peer.pid} didn't connect to {self.myid} within "
+                        f"{_config.worker_timeout():g} seconds",
+                        pid=peer.pid,
+                    )
+                peer.cond.wait(remaining)
+        try:
+            if self.myid > peer.pid:
+                self.dial_peer(peer.pid)
+            else:
+                # Ask the master to ask the higher pid to dial us (Julia's rule).
+                self.call_fetch(MASTER, _sys_relay_connect, (peer.pid, self.myid), {})
+            with peer.cond:
+                while peer.conn is None or peer.state is not PeerState.CONNECTED:
+                    if peer.state is PeerState.TERMINATED:
+                        raise self._lost_error(peer)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ProcessExitedException(
+                            f"peer {peer.pid} didn't connect to {self.myid} in time", pid=peer.pid
+                        )
+                    peer.cond.wait(remaining)
+                return peer.conn
+        finally:
+            with peer.cond:
+                peer.connecting = False
+                peer.cond.notify_all()
+
+    def dial_peer(self, pid: WorkerId) -> None:
+        """Connect this worker to worker *pid* (we have the higher pid) and identify."""
+        peer = self._peers[pid]
+        if peer.conn is not None and peer.state is PeerState.CONNECTED:
+            return
+        if peer.address is None:
+            raise ClusterError(f"no address known for worker {pid}")
+        conn = _conn.dial(
+            _address(peer.address),
+            self.cookie(),
+            self._hello(),
+            timeout=_config.worker_timeout(),
+            peer=f"worker {pid}",
+        )
+        conn.send(codec.encode(IdentifyMsg(self.myid)))
+        self._attach(peer, conn)
+
+    def _attach(self, peer: Peer, conn: Connection) -> None:
+        with peer.cond:
+            if peer.state is PeerState.TERMINATED:
+                conn.close()
+                raise self._lost_error(peer)
+            if peer.conn is not None and peer.state is PeerState.CONNECTED:
+                # Both sides dialled at once: keep the link from the higher pid.
+                keep_new = (self.myid < peer.pid)
+                if not keep_new:
+                    conn.close()
+                    return
+            peer.conn = conn
+            peer.state = PeerState.CONNECTED
+            peer.cond.notify_all()
+        self._start_reader(peer, conn)
+
+    # ------------------------------------------------------------------ listening (workers)
+
+    def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Open this worker's listening socket and start accepting authenticated peers."""
+        sock = socket.create_server((host, port), backlog=128)
+        self._listener = sock
+        addr = sock.getsockname()
+        self.listen_address = (host, addr[1])
+        threading.Thread(target=self._accept_loop, args=(sock,), name="distexec-accept", daemon=True).start()
+        return host, addr[1]
+
+    def _accept_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                s, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(
+                target=self._handle_incoming, args=(s,), name="distexec-handshake", daemon=True
+            ).start()
+
+    def _handle_incoming(self, s: socket.socket) -> None:
+        try:
+            conn = _conn.accept(s, self.cookie(), self._hello())
+            frame = conn.read()
+            msg = codec.decode(frame)
+        except (OSError, EOFError, ProtocolError, TimeoutError) as exc:
+            _log(f"rejected a connection: {exc}")
+            return
+        except BaseException as exc:  # a first message that does not decode
+            _log(f"rejected a connection: bad first message ({type(exc).__name__}: {exc})")
+            s.close()
+            return
+        if isinstance(msg, JoinMsg):
+            self._join(conn, frame, msg)
+        elif isinstance(msg, IdentifyMsg):
+            with self._lock:
+                peer = self._peers.get(msg.from_pid)
+                if peer is None:
+                    peer = self._peers[msg.from_pid] = Peer(msg.from_pid)
+            try:
+                self._attach(peer, conn)
+            except ProcessExitedException:
+                pass
+        else:
+            _log(f"rejected a connection whose first message was {type(msg).__name__}")
+            conn.close()
+
+    def _join(self, conn: Connection, frame: Frame, msg: JoinMsg) -> None:
+        with self._lock:
+            if self.joined.is_set():
+                _log("rejected a second master")
+                conn.close()
+                return
+            self.myid = msg.self_pid
+            self.role = "worker"
+            self.topology = msg.topology
+            self.lazy = msg.lazy
+            self.worker_options = dict(msg.options)
+            master = self._peers[MASTER] = Peer(MASTER)
+            for pid, address in msg.members:
+                if pid not in self._peers:
+                    self._peers[pid] = Peer(pid, address)
+        for hook in self.on_peer_joined:
+            hook(MASTER)
+        self._attach(master, conn)
+        ack = JoinAckMsg(usable_cpus(), os.getpid(), socket.gethostname())
+        conn.send(codec.encode(ack, response_id=frame.response_id))
+        self.joined.set()
+        if not msg.lazy and msg.topology == "all_to_all":
+            for pid, _ in msg.members:
+                if pid < self.myid:
+                    self.runner.submit(self._eager_connect, pid)
+
+    def _eager_connect(self, pid: WorkerId) -> None:
+        try:
+            self.connection_to(pid)
+        except Exception as exc:
+            _log(f"could not connect to worker {pid}: {exc}")
+
+    def apply_membership(self, msg: MembershipMsg) -> None:
+        """A worker learns who else is in the group (pushed by pid 1 after each change)."""
+        with self._lock:
+            for pid, address in msg.members:
+                if pid == self.myid or pid in self._removed:
+                    continue
+                peer = self._peers.get(pid)
+                if peer is None:
+                    self._peers[pid] = Peer(pid, address)
+                elif peer.address is None:
+                    peer.address = address
+        for pid in msg.removed:
+            self._removed.add(pid)
+            peer = self._peers.get(pid)
+            if peer is not None:
+                peer.closing = True
+                self._peer_lost(peer, peer.conn, None)
+
+    # ------------------------------------------------------------------ adding workers (master)
+
+    def new_pid(self) -> WorkerId:
+        return self._next_pid.next()
+
+    def connect_worker(
+        self,
+        pid: WorkerId,
+        address: Any,
+        config: WorkerConfig,
+        manager: ClusterManager,
+        *,
+        timeout: float,
+        conn: Connection | None = None,
+    ) -> Peer:
+        """Dial a launched worker, make it pid *pid*, and wait until it answers (master only)."""
+        peer = Peer(pid, address)
+        peer.config = config
+        peer.manager = manager
+        with self._lock:
+            self._peers[pid] = peer
+        deadline = time.monotonic() + timeout
+        try:
+            if conn is None:
+                conn = _conn.dial(
+                    _address(address), self.cookie(), self._hello(), timeout=timeout,
+                    peer=f"worker {pid} at {_fmt_addr(address)}",
+                )
+            with peer.cond:
+                peer.conn = conn
+            members = tuple(
+                (p.pid, p.address) for p in self.peers() if p.pid != pid and p.state is PeerState.CONNECTED
+            )
+            cid = self._call_ids.next()
+            reply = self._register(peer, cid)
+            self._start_reader(peer, conn)
+            conn.send(
+                codec.encode(
+                    JoinMsg(pid, members, self.topology, self.lazy, dict(self.worker_options)),
+                    response_id=cid,
+                )
+            )
+            if not reply.wait(max(0.0, deadline - time.monotonic())):
+                self._unregister(peer, cid)
+                raise TimeoutError(f"worker {pid} did not join within {timeout:g} seconds")
+            if not reply.ok:
+                raise reply.value  # type: ignore[misc]
+            ack = reply.value
+            assert isinstance(ack, JoinAckMsg)
+            peer.ospid = ack.ospid
+            peer.hostname = ack.hostname
+            peer.cpu_threads = ack.cpu_threads
+            config.ospid = ack.ospid
+            config.environ = {"cpu_threads": ack.cpu_threads, "hostname": ack.hostname}
+            with peer.cond:
+                if peer.state is PeerState.TERMINATED:
+                    raise self._lost_error(peer)
+                peer.state = PeerState.CONNECTED
+                peer.cond.notify_all()
+        except BaseException:
+            with self._lock:
+                self._removed.add(pid)
+            peer.closing = True
+            self._peer_lost(peer, peer.conn, None)
+            raise
+        for hook in self.on_peer_joined:
+            hook(pid)
+        return peer
+
+    def push_membership(self, removed: Iterable[WorkerId] = ()) -> None:
+        """Tell every worker who is in the group now (after addprocs / rmprocs)."""
+        members = tuple(
+            (p.pid, p.address) for p in self.peers() if p.state is PeerState.CONNECTED
+        )
+        msg = MembershipMsg(members, tuple(removed))
+        parts = codec.encode(msg)
+        for p in self.peers():
+            if p.state is PeerState.CONNECTED and p.conn is not None:
+                try:
+                    p.conn.send(parts)
+                except OSError:
+                    pass
+
+    def send_exit(self, pid: WorkerId) -> None:
+        """Ask worker *pid* to exit (the first rung of rmprocs' ladder)."""
+        peer = self._peers.get(pid)
+        if peer is None or peer.conn is None:
+            return
+        peer.closing = True
+        try:
+            peer.conn.send(codec.encode(ExitMsg()))
+        except OSError:
+            pass
+
+    def forget(self, pid: WorkerId, reason: str = "removed") -> None:
+        """Mark *pid* removed by us: close its link; waiters get ``ClusterClosedError``."""
+        with self._lock:
+            self._removed.add(pid)
+            peer = self._peers.get(pid)
+        if peer is None:
+            return
+        peer.closing = True
+        if not peer.exit_reason:
+            peer.exit_reason = reason
+        self._peer_lost(peer, peer.conn, None)
+
+    # ------------------------------------------------------------------ sending and calling
+
+    def _register(self, peer: Peer, cid: int) -> Reply:
+        reply = Reply(peer.pid)
+        with self._pending_lock:
+            self._pending[cid] = reply
+            peer.pending.add(cid)
+        return reply
+
+    def _unregister(self, peer: Peer, cid: int) -> None:
+        with self._pending_lock:
+            self._pending.pop(cid, None)
+            peer.pending.discard(cid)
+
+    def send(self, pid: WorkerId, parts: list[bytes | memoryview]) -> None:
+        """Write an encoded message to *pid*."""
+        conn = self.connection_to(pid)
+        try:
+            conn.send(parts)
+        except OSError as exc:
+            peer = self._peers[pid]
+            self._peer_lost(peer, conn, exc)
+            raise self._lost_error(peer) from exc
+
+    def call_fetch(
+        self,
+        pid: WorkerId,
+        fn: Callable[..., object],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        timeout: float | None = None,
+    ) -> object:
+        """Run ``fn(*args, **kwargs)`` on *pid* (not this process) and return its value.
+
+        Raises:
+            RemoteException: *fn* raised there.
+            ProcessExitedException: *pid* went away before answering.
+            SerializationError: the call would not pickle; nothing was sent.
+        """
+        cid = self._call_ids.next()
+        parts = codec.encode(CallMsg(fn, args, kwargs, CallMode.FETCH), response_id=cid)
+        conn = self.connection_to(pid)
+        peer = self._peers[pid]
+        reply = self._register(peer, cid)
+        if peer.state is PeerState.TERMINATED:
+            self._unregister(peer, cid)
+            raise self._lost_error(peer)
+        try:
+            conn.send(parts)
+        except OSError as exc:
+            self._unregister(peer, cid)
+            self._peer_lost(peer, conn, exc)
+            raise self._lost_error(peer) from exc
+        if not reply.wait(timeout):
+            self._unregister(peer, cid)
+            raise TimeoutError(f"no answer from worker {pid} within {timeout:g} s")
+        if reply.ok:
+            return reply.value
+        raise reply.value  # type: ignore[misc]
+
+    def call_future(
+        self,
+        pid: WorkerId,
+        fn: Callable[..., object],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        rrid: RRID,
+        target: Awaitable,
+    ) -> None:
+        """Start ``fn`` on *pid*; its value stays there under *rrid* and *target* is told when ready."""
+        parts = codec.encode(CallMsg(fn, args, kwargs, CallMode.FUTURE, rrid), notify_id=rrid.id)
+        conn = self.connection_to(pid)
+        peer = self._peers[pid]
+        with self._pending_lock:
+            self.awaiting[rrid] = target
+            peer.awaiting.add(rrid)
+        if peer.state is PeerState.TERMINATED:
+            self._drop_awaiting(peer, rrid)
+            raise self._lost_error(peer)
+        try:
+            conn.send(parts)
+        except OSError as exc:
+            self._drop_awaiting(peer, rrid)
+            self._peer_lost(peer, conn, exc)
+            raise self._lost_error(peer) from exc
+
+    def _drop_awaiting(self, peer: Peer, rrid: RRID) -> None:
+        with self._pending_lock:
+            self.awaiting.pop(rrid, None)
+            peer.awaiting.discard(rrid)
+
+    def call_do(
+        self,
+        pid: WorkerId,
+        fn: Callable[..., object],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> None:
+        """Run ``fn`` on *pid* and expect nothing back (Julia's ``remote_do``)."""
+        self.send(pid, codec.encode(CallMsg(fn, args, kwargs, CallMode.DO)))
+
+    def send_refs(self, owner: WorkerId, msg: RefsMsg) -> None:
+        peer = self._peers.get(owner)
+        if peer is None or peer.state is PeerState.TERMINATED:
+            return
+        try:
+            self.send(owner, codec.encode(msg))
+        except (ProcessExitedException, ClusterError, ValueError):
+            pass
+
+    def push_done(self, to: WorkerId, msg: DoneMsg) -> None:
+        """Tell *to* that a Future it created is ready (called on the owner)."""
+        try:
+            parts = codec.encode(msg)
+        except SerializationError as exc:
+            err = _remote_error(self.myid, exc)
+            parts = codec.encode(DoneMsg(msg.rrid, False, err, True))
+        try:
+            self.send(to, parts)
+        except (ProcessExitedException, ClusterError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------ receiving
+
+    def _read_loop(self, peer: Peer, conn: Connection) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                frame = conn.read()
+                self._dispatch(peer, conn, frame)
+        except (EOFError, OSError) as exc:
+            error = exc
+        except ProtocolError as exc:
+            error = exc
+            _log(f"closing the link to worker {peer.pid}: {exc}")
+        except BaseException as exc:  # pragma: no cover - a bug in dispatch
+            error = exc
+            _log(f"reader for worker {peer.pid} crashed: {type(exc).__name__}: {exc}")
+        finally:
+            self._peer_lost(peer, conn, error)
+
+    def _dispatch(self, peer: Peer, conn: Connection, frame: Frame) -> None:
+        tag = frame.tag
+        if tag == ResultMsg.TAG or tag == JoinAckMsg.TAG:
+            with self._pending_lock:
+                reply = self._pending.pop(frame.response_id, None)
+                peer.pending.discard(frame.response_id)
+            if reply is None:
+                return  # the caller gave up waiting
+            try:
+                msg = codec.decode(frame)
+            except BaseException as exc:
+                reply.set(False, _decode_error(peer.pid, "the reply", exc))
+                return
+            if isinstance(msg, ResultMsg):
+                reply.set(msg.ok, msg.value)
+            else:
+                reply.set(True, msg)
+            return
+        if tag == CallMsg.TAG:
+            try:
+                msg = codec.decode(frame)
+            except BaseException as exc:
+                self._answer_undecodable_call(peer, frame, exc)
+                return
+            assert isinstance(msg, CallMsg)
+            if msg.mode is CallMode.FUTURE and msg.rrid is not None:
+                self.owner_register(msg.rrid, peer.pid)
+            self.runner.submit(self._execute, peer, msg, frame.response_id)
+            return
+        if tag == DoneMsg.TAG:
+            self._handle_done(peer, frame)
+            return
+        handler = self.extra_handlers.get(tag)
+        if handler is not None:
+            handler(peer, frame)
+            return
+        try:
+            msg = codec.decode(frame)
+        except BaseException as exc:
+            _log(f"dropped an undecodable message from {peer.pid}: {type(exc).__name__}: {exc}")
+            return
+        if isinstance(msg, RefsMsg):
+            self.refs_handler(peer, msg)
+        elif isinstance(msg, ExitMsg):
+            self.exit_requested.set()
+        elif isinstance(msg, MembershipMsg):
+            self.apply_membership(msg)
+        else:
+            _log(f"unexpected {type(msg).__name__} from {peer.pid}")
+
+    def _handle_done(self, peer: Peer, frame: Frame) -> None:
+        try:
+            msg = codec.decode(frame)
+        except BaseException as exc:
+            # The header cannot say which future; the body is unreadable. Find it by id.
+            err = _decode_error(peer.pid, "a Future's value", exc)
+            with self._pending_lock:
+                matches = [r for r in peer.awaiting if r.id == frame.notify_id and r.whence == self.myid]
+            for rrid in matches:
+                self._finish_awaiting(peer, rrid, False, err, True)
+            return
+        assert isinstance(msg, DoneMsg)
+        self._finish_awaiting(peer, msg.rrid, msg.ok, msg.value, msg.inline)
+
+    def _finish_awaiting(
+        self, peer: Peer, rrid: RRID, ok: bool, value: object, inline: bool
+    ) -> None:
+        with self._pending_lock:
+            target = self.awaiting.pop(rrid, None)
+            peer.awaiting.discard(rrid)
+        if target is not None:
+            target._complete(ok, value, inline)
+
+    def _answer_undecodable_call(self, peer: Peer, frame: Frame, exc: BaseException) -> None:
+        err = _decode_error(self.myid, "the call's function or arguments", exc, remote=True)
+        if frame.response_id:
+            self._reply(peer, frame.response_id, False, err)
+        elif frame.notify_id:
+            rrid = RRID(peer.pid, frame.notify_id)
+            self.owner_register(rrid, peer.pid)
+            self.owner_complete(rrid, peer.pid, False, err)
+
+    def _execute(self, peer: Peer, msg: CallMsg, response_id: int) -> None:
+        fn = msg.fn
+        track = not getattr(fn, "distexec_system", False)
+        running = self.runner.running
+        ident = threading.get_ident()
+        try:
+            try:
+                if track:
+                    running[ident] = fn
+                value = fn(*msg.args, **msg.kwargs)
+                ok = True
+            finally:
+                if track:
+                    self.runner.finished(ident)
+        except BaseException as exc:  # SystemExit / KeyboardInterrupt fail this call only
+            value = RemoteException(self.myid, CapturedException.capture(exc))
+            ok = False
+        if msg.mode is CallMode.FETCH:
+            self._reply(peer, response_id, ok, value)
+        elif msg.mode is CallMode.FUTURE:
+            assert msg.rrid is not None
+            self.owner_complete(msg.rrid, peer.pid, ok, value)
+        elif not ok:
+            _log(f"remote_do from {peer.pid} failed: {value}")
+
+    def _reply(self, peer: Peer, response_id: int, ok: bool, value: object) -> None:
+        try:
+            parts = codec.encode(ResultMsg(ok, value), response_id=response_id)
+        except SerializationError as exc:
+            parts = codec.encode(
+                ResultMsg(False, _remote_error(self.myid, exc)), response_id=response_id
+            )
+        conn = peer.conn
+        if conn is None:
+            return
+        try:
+            conn.send(parts)
+        except OSError:
+            pass  # the reader sees the loss and cleans up
+
+    # ------------------------------------------------------------------ losing peers
+
+    def _lost_error(self, peer: Peer) -> Exception:
+        if peer.closing:
+            return ClusterClosedError(
+                f"worker {peer.pid} was removed from the group"
+                + (f" ({peer.exit_reason})" if peer.exit_reason not in ("", "removed") else "")
+            )
+        detail = f": {peer.exit_reason}" if peer.exit_reason else ""
+        return ProcessExitedException(
+            f"worker {peer.pid} ({_fmt_addr(peer.address)}) exited or lost its connection{detail}",
+            pid=peer.pid,
+        )
+
+    def _peer_lost(self, peer: Peer, conn: Connection | None, error: BaseException | None) -> None:
+        with peer.cond:
+            if conn is not None and peer.conn is not None and peer.conn is not conn:
+                conn.close()  # a duplicate link went away; the peer lives on
+                return
+            if peer.state is PeerState.TERMINATED:
+                return
+            peer.state = PeerState.TERMINATED
+            if conn is not None:
+                self._closed_bytes[0] += conn.bytes_sent
+                self._closed_bytes[1] += conn.bytes_received
+            peer.cond.notify_all()
+        if peer.conn is not None:
+            peer.conn.close()
+        exit_hook = _exit_reason_hook
+        if exit_hook is not None and not peer.exit_reason:
+            peer.exit_reason = exit_hook(peer)
+        err = self._lost_error(peer)
+        with self._pending_lock:
+            replies = [self._pending.pop(cid, None) for cid in peer.pending]
+            peer.pending.clear()
+            targets = [self.awaiting.pop(r, None) for r in peer.awaiting]
+            peer.awaiting.clear()
+        for reply in replies:
+            if reply is not None:
+                reply.set(False, err)
+        for target in targets:
+            if target is not None:
+                target._complete(False, err, True)
+        with self._lock:
+            self._removed.add(peer.pid)
+        for hook in self.on_peer_lost:
+            try:
+                hook(peer.pid)
+            except Exception as exc:  # pragma: no cover
+                _log(f"peer-lost hook failed: {exc}")
+        if self.role == "worker" and peer.pid == MASTER:
+            self.exit_requested.set()
+
+    # ------------------------------------------------------------------ introspection
+
+    def statistics(self) -> GroupStatistics:
+        owned, client = self.stats_hook()
+        sent, received = self._closed_bytes
+        for p in self.peers():
+            if p.conn is not None and p.state is not PeerState.TERMINATED:
+                sent += p.conn.bytes_sent
+                received += p.conn.bytes_received
+        return GroupStatistics(
+            myid=self.myid,
+            role=self.role,
+            workers=len([p for p in self.procs() if p != MASTER]),
+            owned_refs=owned,
+            client_refs=client,
+            pending_calls=len(self._pending),
+            awaiting_futures=len(self.awaiting),
+            runner_threads=self.runner.threads,
+            bytes_sent=sent,
+            bytes_received=received,
+        )
+
+    def close_all(self) -> None:
+        """Drop every link (process exit)."""
+        for p in self.peers():
+            p.closing = True
+            if p.conn is not None:
+                p.conn.close()
+        if self._listener is not None:
+            self._listener.close()
+
+
+#: Set by the local manager layer: explains a lost peer (exit code, signal, stderr tail).
+_exit_reason_hook: Callable[[Peer], str] | None = None
+
+
+def set_exit_reason_hook(hook: Callable[[Peer], str] | None) -> None:
+    global _exit_reason_hook
+    _exit_reason_hook = hook
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use (affinity aware; cgroup quotas via loky where it is loaded)."""
+    loky = sys.modules.get("loky")
+    if loky is not None:
+        return int(loky.cpu_count())
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _address(address: Any) -> tuple[str, int] | str:
+    if isinstance(address, str):
+        return address
+    host, port = address
+    return (str(host), int(port))
+
+
+def _fmt_addr(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) == 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _remote_error(pid: WorkerId, exc: BaseException) -> RemoteException:
+    return RemoteException(pid, CapturedException.capture(exc))
+
+
+def _decode_error(
+    pid: WorkerId, what: str, exc: BaseException, *, remote: bool = False
+) -> BaseException:
+    import traceback
+
+    tb = "".join(traceback.format_exception(exc))
+    type_name = type(exc).__qualname__
+    err = DeserializationError(
+        f"{what} could not be unpickled {'on worker ' + str(pid) if remote else 'here'}: "
+        f"{type_name}: {exc}",
+        type_name=type_name,
+        tb_text=tb,
+    )
+    if remote:
+        return RemoteException(pid, CapturedException(err, tb, type_name))
+    return err
+
+
+def _log(message: str) -> None:
+    try:
+        print(f"distexec: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # pragma: no cover - stderr closed
+        pass
+
+
+_GROUP: ProcessGroup | None = None
+_GROUP_LOCK = threading.Lock()
+
+
+def group() -> ProcessGroup:
+    """This process's group, made on first use (one per process: it *is* the process's identity)."""
+    global _GROUP
+    g = _GROUP
+    if g is None:
+        with _GROUP_LOCK:
+            if _GROUP is None:
+                _GROUP = ProcessGroup()
+            g = _GROUP
+    return g
+
+
+def _sys_relay_connect(target: WorkerId, requester: WorkerId) -> None:
+    """On pid 1: ask worker *target* (higher pid) to dial worker *requester*."""
+    group().call_fetch(target, _sys_dial, (requester,), {})
+
+
+def _sys_dial(pid: WorkerId) -> None:
+    """On a worker: dial worker *pid* (which has the lower id)."""
+    group().dial_peer(pid)
+
+
+def _sys_noop() -> None:
+    return None
+
+
+for _f in (_sys_relay_connect, _sys_dial, _sys_noop):
+    _f.distexec_system = True  # type: ignore[attr-defined]
+
+
+__all__ = ["Message", "PeerState", "ProcessGroup", "Reply"]

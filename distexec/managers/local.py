@@ -1,0 +1,261 @@
+"""LocalManager: workers as child processes of this one, on 127.0.0.1.
+
+Layer: L3 managers. Imports: stdlib, distexec.managers.base, L0.
+
+Each worker is ``python -m distexec.worker``: the cookie goes on its stdin (never on a command
+line) and stdin stays open, so a worker whose master dies sees EOF and exits; it also asks
+the kernel for ``PR_SET_PDEATHSIG``. Workers start in their own session, so a Ctrl-C at the
+terminal reaches the master only, which then interrupts the calls it is waiting for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+from ..errors import LaunchError, WorkerTimeoutError
+from .base import ClusterManager, WorkerConfig
+
+BANNER = "distexec-worker "
+
+
+def worker_env(
+    env: Mapping[str, str] | None = None, *, enable_threaded_blas: bool = False
+) -> dict[str, str]:
+    """The environment of a local worker: ours, this interpreter's ``sys.path``, and *env*."""
+    out = dict(os.environ)
+    out["DISTEXEC_SYS_PATH"] = json.dumps([p for p in sys.path if p])
+    out.setdefault("PYTHONUNBUFFERED", "1")
+    if not enable_threaded_blas:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            out[var] = "1"
+    if env:
+        out.update({str(k): str(v) for k, v in dict(env).items()})
+    return out
+
+
+def worker_argv(exename: str | None, exeflags: tuple[str, ...] | None, *extra: str) -> list[str]:
+    return [exename or sys.executable, *(exeflags or ()), "-m", "distexec.worker", *extra]
+
+
+class LocalManager(ClusterManager):
+    """Launches *np* workers on this machine (Julia's ``LocalManager``).
+
+    ``restrict=True`` (the default) binds them to 127.0.0.1.
+    """
+
+    def __init__(self, np: int, restrict: bool = True) -> None:
+        if not isinstance(np, int) or isinstance(np, bool):
+            raise TypeError(f"the number of workers must be an int, not {type(np).__name__}")
+        if np < 0:
+            raise ValueError(f"cannot add a negative number of workers ({np})")
+        self.np = np
+        self.restrict = restrict
+
+    def __repr__(self) -> str:
+        return f"LocalManager(np={self.np}, restrict={self.restrict})"
+
+    def launch(
+        self,
+        params: Mapping[str, Any],
+        launched: list[WorkerConfig],
+        launch_ntfy: threading.Condition,
+    ) -> None:
+        bind = "127.0.0.1" if self.restrict else str(params.get("bind_addr") or "0.0.0.0")
+        exename = params.get("exename")
+        exeflags = tuple(params.get("exeflags") or ())
+        argv = worker_argv(exename, exeflags, "--bind", bind, "--parent-death")
+        env = worker_env(
+            params.get("env"), enable_threaded_blas=bool(params.get("enable_threaded_blas"))
+        )
+        if not self.restrict:
+            env["DISTEXEC_ALLOW_INSECURE_NETWORK"] = "1"
+        cookie = params["cookie"]
+        for _ in range(self.np):
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=params.get("dir") or None,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise LaunchError(
+                    f"could not start {argv[0]!r}: {exc}", host="localhost"
+                ) from exc
+            assert proc.stdin is not None
+            proc.stdin.write(cookie + b"\n")
+            proc.stdin.flush()
+            config = WorkerConfig(
+                io=proc.stdout,
+                process=proc,
+                ospid=proc.pid,
+                host="127.0.0.1",
+                exename=argv[0],
+                exeflags=exeflags,
+                enable_threaded_blas=bool(params.get("enable_threaded_blas")),
+            )
+            with launch_ntfy:
+                launched.append(config)
+                launch_ntfy.notify_all()
+
+    def kill(self, pid: int, config: WorkerConfig) -> None:
+        # The exit message is on its way; stop_process escalates if it is not heeded.
+        return None
+
+
+# ---------------------------------------------------------------------------- process helpers
+
+
+def read_banner(
+    stream: IO[bytes], deadline: float, on_line: Callable[[str], None]
+) -> tuple[str, int]:
+    """Read lines from a worker's stdout until ``distexec-worker HOST:PORT``; other lines go to
+    *on_line*. Raises ``WorkerTimeoutError`` at *deadline*, ``LaunchError`` at EOF."""
+    fd = stream.fileno()
+    buf = b""
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+    try:
+        while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                text = line.decode(errors="replace").rstrip("\r")
+                if text.startswith(BANNER):
+                    _push_back(stream, buf)
+                    return _parse_banner(text)
+                on_line(text)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerTimeoutError("worker did not report its address in time")
+            if not sel.select(remaining):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise LaunchError("worker exited before reporting its address")
+            buf += chunk
+    finally:
+        sel.close()
+
+
+_pushed_back: dict[int, bytes] = {}
+
+
+def _push_back(stream: IO[bytes], data: bytes) -> None:
+    if data:
+        _pushed_back[stream.fileno()] = data
+
+
+def _parse_banner(text: str) -> tuple[str, int]:
+    addr = text[len(BANNER) :].split()[0]
+    host, _, port = addr.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise LaunchError(f"malformed worker banner {text!r}") from None
+
+
+class OutputRelay:
+    """Copies a worker's stdout and stderr to ours, line by line, as ``From worker N: ...``.
+
+    Keeps the last lines of stderr for diagnostics when the worker dies.
+    """
+
+    def __init__(self, pid: int, streams: list[tuple[IO[bytes], IO[str]]]) -> None:
+        self.pid = pid
+        self.tail: deque[str] = deque(maxlen=40)
+        self._streams = streams
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"distexec-output-w{pid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        bufs: dict[int, bytes] = {}
+        outs: dict[int, IO[str]] = {}
+        for stream, out in self._streams:
+            fd = stream.fileno()
+            sel.register(fd, selectors.EVENT_READ)
+            bufs[fd] = _pushed_back.pop(fd, b"")
+            outs[fd] = out
+        try:
+            for fd in list(bufs):
+                self._emit(fd, bufs, outs, final=False)
+            while sel.get_map():
+                for key, _ in sel.select():
+                    fd = key.fd
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        sel.unregister(fd)
+                        self._emit(fd, bufs, outs, final=True)
+                        continue
+                    bufs[fd] += chunk
+                    self._emit(fd, bufs, outs, final=False)
+        finally:
+            sel.close()
+            self.done.set()
+
+    def _emit(self, fd: int, bufs: dict[int, bytes], outs: dict[int, IO[str]], final: bool) -> None:
+        data = bufs[fd]
+        lines = data.split(b"\n")
+        bufs[fd] = b"" if final else lines.pop()
+        out = outs[fd]
+        for raw in lines:
+            if final and not raw:
+                continue
+            text = raw.decode(errors="replace").rstrip("\r")
+            if out is sys.stderr or getattr(out, "_distexec_err", False):
+                self.tail.append(text)
+            try:
+                print(f"From worker {self.pid}: {text}", file=out, flush=True)
+            except (OSError, ValueError):
+                pass
+
+
+def exit_description(proc: subprocess.Popen[bytes], wait: float = 0.5) -> tuple[int | None, str]:
+    """The exit code of *proc* (waiting briefly) and a phrase describing it."""
+    try:
+        code = proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        return None, "its connection dropped but the process is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return code, f"killed by {name}"
+    return code, f"exited with code {code}"
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], *, grace: float = 2.0, term_grace: float = 2.0
+) -> int:
+    """Wait for *proc* to exit after it was asked to; then SIGTERM, then SIGKILL. Reaps it."""
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        proc.terminate()
+        return proc.wait(term_grace)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:  # pragma: no cover
+        return proc.wait()
+    proc.kill()
+    return proc.wait()
