@@ -7,7 +7,7 @@ and ``DistributedExecutor``, a drop-in ``concurrent.futures`` executor.
 
 from __future__ import annotations
 
-from . import _refstore as _refstore  # noqa: F401  (wires the owner side)
+from . import _refstore as _refstore
 from ._api import addprocs as addprocs
 from ._api import cluster_cookie as cluster_cookie
 from ._api import interrupt as interrupt

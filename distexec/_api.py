@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from . import _cluster, _config, refs
-from ._cluster import GroupStatistics, PeerState, TOPOLOGIES
+from ._cluster import TOPOLOGIES, GroupStatistics, PeerState
 from ._ids import MASTER, WorkerId
 from .errors import ClusterError, LaunchError, WorkerTimeoutError
 from .managers import local as _local
@@ -192,7 +192,8 @@ def _check_params(manager: ClusterManager, kwargs: Mapping[str, Any]) -> dict[st
     params.update(kwargs)
     if params["topology"] not in TOPOLOGIES:
         raise ValueError(
-            f"topology must be one of {', '.join(map(repr, TOPOLOGIES))}, not {params['topology']!r}"
+            f"topology must be one of {', '.join(map(repr, TOPOLOGIES))}, "
+            f"not {params['topology']!r}"
         )
     if params["topology"] != "all_to_all":
         params["lazy"] = False
@@ -215,7 +216,9 @@ def _set_topology(g: _cluster.ProcessGroup, topology: str, lazy: bool) -> None:
 def _launch_and_connect(
     g: _cluster.ProcessGroup, manager: ClusterManager, params: dict[str, Any]
 ) -> list[WorkerId]:
-    timeout = float(params["timeout"]) if params["timeout"] is not None else _config.worker_timeout()
+    timeout = (
+        float(params["timeout"]) if params["timeout"] is not None else _config.worker_timeout()
+    )
     params["cookie"] = g.cookie()
     params["timeout"] = timeout
     launched: list[WorkerConfig] = []
@@ -251,7 +254,7 @@ def _launch_and_connect(
                         break
         errors: list[BaseException] = []
         new: list[WorkerId] = []
-        for pid, fut in setups:
+        for _, fut in setups:
             try:
                 new.append(fut.result())
             except BaseException as exc:
@@ -352,7 +355,11 @@ def _start_relay(pid: WorkerId, config: WorkerConfig) -> _local.OutputRelay | No
 
 def _tail(config: WorkerConfig) -> str:
     proc = config.process
-    if isinstance(proc, subprocess.Popen) and proc.stderr is not None and "relay" not in config.extra:
+    if (
+        isinstance(proc, subprocess.Popen)
+        and proc.stderr is not None
+        and "relay" not in config.extra
+    ):
         try:
             if proc.poll() is not None:
                 data = proc.stderr.read() or b""
@@ -374,6 +381,25 @@ def _kill_failed(pid: WorkerId, config: WorkerConfig, manager: ClusterManager) -
     proc = config.process
     if isinstance(proc, subprocess.Popen):
         _local.stop_process(proc, grace=0.0, term_grace=1.0)
+
+
+def _describe_exit(peer: _cluster.Peer) -> str:
+    """Why a worker's link dropped, from its process (exit code, signal, last stderr lines)."""
+    config = peer.config
+    proc = config.process if config is not None else None
+    if peer.closing or not isinstance(proc, subprocess.Popen):
+        return ""
+    code, text = _local.exit_description(proc, wait=0.5)
+    relay = config.extra.get("relay") if config is not None else None
+    if code is not None and relay is not None:
+        relay.done.wait(0.5)
+        tail = [line for line in relay.tail if line.strip()]
+        if tail:
+            text += "; its stderr ended with:\n  " + "\n  ".join(tail[-10:])
+    return text
+
+
+_cluster.set_exit_reason_hook(_describe_exit)
 
 
 # ---------------------------------------------------------------------------- rmprocs

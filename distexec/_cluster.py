@@ -353,7 +353,7 @@ class ProcessGroup:
                 raise self._lost_error(peer)
             if peer.conn is not None and peer.state is PeerState.CONNECTED:
                 # Both sides dialled at once: keep the link from the higher pid.
-                keep_new = (self.myid < peer.pid)
+                keep_new = self.myid < peer.pid
                 if not keep_new:
                     conn.close()
                     return
@@ -367,11 +367,17 @@ class ProcessGroup:
     def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Open this worker's listening socket and start accepting authenticated peers."""
         sock = socket.create_server((host, port), backlog=128)
+        address = (host, sock.getsockname()[1])
+        self.serve(sock, address)
+        return address
+
+    def serve(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """Accept authenticated peers on an already listening *sock* reachable at *address*."""
         self._listener = sock
-        addr = sock.getsockname()
-        self.listen_address = (host, addr[1])
-        threading.Thread(target=self._accept_loop, args=(sock,), name="distexec-accept", daemon=True).start()
-        return host, addr[1]
+        self.listen_address = address
+        threading.Thread(
+            target=self._accept_loop, args=(sock,), name="distexec-accept", daemon=True
+        ).start()
 
     def _accept_loop(self, sock: socket.socket) -> None:
         while True:
@@ -485,13 +491,18 @@ class ProcessGroup:
         try:
             if conn is None:
                 conn = _conn.dial(
-                    _address(address), self.cookie(), self._hello(), timeout=timeout,
+                    _address(address),
+                    self.cookie(),
+                    self._hello(),
+                    timeout=timeout,
                     peer=f"worker {pid} at {_fmt_addr(address)}",
                 )
             with peer.cond:
                 peer.conn = conn
             members = tuple(
-                (p.pid, p.address) for p in self.peers() if p.pid != pid and p.state is PeerState.CONNECTED
+                (p.pid, p.address)
+                for p in self.peers()
+                if p.pid != pid and p.state is PeerState.CONNECTED
             )
             cid = self._call_ids.next()
             reply = self._register(peer, cid)
@@ -531,9 +542,7 @@ class ProcessGroup:
 
     def push_membership(self, removed: Iterable[WorkerId] = ()) -> None:
         """Tell every worker who is in the group now (after addprocs / rmprocs)."""
-        members = tuple(
-            (p.pid, p.address) for p in self.peers() if p.state is PeerState.CONNECTED
-        )
+        members = tuple((p.pid, p.address) for p in self.peers() if p.state is PeerState.CONNECTED)
         msg = MembershipMsg(members, tuple(removed))
         parts = codec.encode(msg)
         for p in self.peers():
@@ -635,7 +644,7 @@ class ProcessGroup:
         rrid: RRID,
         target: Awaitable,
     ) -> None:
-        """Start ``fn`` on *pid*; its value stays there under *rrid* and *target* is told when ready."""
+        """Start ``fn`` on *pid*; the value stays there under *rrid*; *target* hears when ready."""
         parts = codec.encode(CallMsg(fn, args, kwargs, CallMode.FUTURE, rrid), notify_id=rrid.id)
         conn = self.connection_to(pid)
         peer = self._peers[pid]
@@ -679,10 +688,10 @@ class ProcessGroup:
     def push_done(self, to: WorkerId, msg: DoneMsg) -> None:
         """Tell *to* that a Future it created is ready (called on the owner)."""
         try:
-            parts = codec.encode(msg)
+            parts = codec.encode(msg, notify_id=msg.rrid.id)
         except SerializationError as exc:
             err = _remote_error(self.myid, exc)
-            parts = codec.encode(DoneMsg(msg.rrid, False, err, True))
+            parts = codec.encode(DoneMsg(msg.rrid, False, err, True), notify_id=msg.rrid.id)
         try:
             self.send(to, parts)
         except (ProcessExitedException, ClusterError, ValueError):
@@ -764,7 +773,9 @@ class ProcessGroup:
             # The header cannot say which future; the body is unreadable. Find it by id.
             err = _decode_error(peer.pid, "a Future's value", exc)
             with self._pending_lock:
-                matches = [r for r in peer.awaiting if r.id == frame.notify_id and r.whence == self.myid]
+                matches = [
+                    r for r in peer.awaiting if r.id == frame.notify_id and r.whence == self.myid
+                ]
             for rrid in matches:
                 self._finish_awaiting(peer, rrid, False, err, True)
             return

@@ -23,7 +23,10 @@ def fetch(x: Any, timeout: float | None = None) -> Any:
 
 
 def wait(x: Any, timeout: float | None = None) -> Any:
-    """Wait until *x* is ready (a Future's value exists, a channel has an item). Julia: ``wait(x)``."""
+    """Wait until *x* is ready (a Future's value exists, a channel has an item).
+
+    Julia: ``wait(x)``.
+    """
     method = getattr(x, "wait", None)
     if method is None:
         raise TypeError(f"cannot wait on a {type(x).__name__}")

@@ -29,7 +29,7 @@ class RRID:
 
 
 class Counter:
-    """A thread-safe increasing counter (``next`` on ``itertools.count`` is atomic under the GIL)."""
+    """A thread-safe increasing counter (``next`` on ``itertools.count`` is atomic)."""
 
     __slots__ = ("_it",)
 

@@ -89,7 +89,7 @@ class RefStore:
     def _push(self, rrid: RRID, creator: WorkerId, ok: bool, value: object) -> bool:
         """Send the ready notice; returns whether the value went along with it."""
         try:
-            parts = codec.encode(DoneMsg(rrid, ok, value, True))
+            parts = codec.encode(DoneMsg(rrid, ok, value, True), notify_id=rrid.id)
             size = sum(memoryview(p).nbytes for p in parts)
         except SerializationError:
             parts, size = None, 0
@@ -147,7 +147,9 @@ class RefStore:
                 del self._values[rrid]
 
 
-def fetch_owned(store: RefStore, rrid: RRID, client: WorkerId, release: bool) -> tuple[bool, object]:
+def fetch_owned(
+    store: RefStore, rrid: RRID, client: WorkerId, release: bool
+) -> tuple[bool, object]:
     """Owner side of a fetch: wait for the value, hand it out as ``(ok, value)``, and forget
     *client* if asked (it keeps its own copy from now on)."""
     try:

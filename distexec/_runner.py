@@ -86,7 +86,7 @@ class Runner:
             fn, args = job
             try:
                 fn(*args)
-            except BaseException:  # noqa: S110 - jobs report their own errors
+            except BaseException:
                 pass
             del job, fn, args
             with self._lock:

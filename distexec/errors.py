@@ -243,7 +243,7 @@ class ChannelClosedError(DistexecError):
 
 
 class LaunchError(DistexecError):
-    """A cluster manager failed to start a worker. ``host`` and ``stderr_tail`` say where and why."""
+    """A cluster manager failed to start a worker; ``host`` and ``stderr_tail`` say where, why."""
 
     def __init__(self, message: str, *, host: str = "", stderr_tail: str = "") -> None:
         super().__init__(message)

@@ -70,6 +70,15 @@ def _client_add(rrid: RRID) -> None:
         _client_refs[rrid] = _client_refs.get(rrid, 0) + 1
 
 
+def _client_release(rrid: RRID) -> None:
+    with _clients_lock:
+        n = _client_refs.get(rrid, 0) - 1
+        if n > 0:
+            _client_refs[rrid] = n
+        else:
+            _client_refs.pop(rrid, None)
+
+
 # Finalizers put (owner, rrid, client) here and nothing else; a thread sends the batches.
 _gc_queue: SimpleQueue[tuple[WorkerId, RRID, WorkerId] | None] = SimpleQueue()
 _gc_thread: threading.Thread | None = None
@@ -102,13 +111,8 @@ def _gc_loop() -> None:
             item = _gc_queue.get()
         g = _cluster.group()
         for owner, dels in batch.items():
-            with _clients_lock:
-                for rrid, _ in dels:
-                    n = _client_refs.get(rrid, 0) - 1
-                    if n > 0:
-                        _client_refs[rrid] = n
-                    else:
-                        _client_refs.pop(rrid, None)
+            for rrid, _ in dels:
+                _client_release(rrid)
             if owner == g.myid:
                 for rrid, client in dels:
                     store().drop(rrid, client)
@@ -137,6 +141,7 @@ class Future(cf.Future):  # type: ignore[type-arg]
         self.rrid = RRID(g.myid, _ref_ids.next())
         self._owner_holds = False  # the owner keeps a copy counted for us
         self._pull_lock = threading.Lock()
+        self._pull_error: BaseException | None = None
 
     # Julia field names
     @property
@@ -177,18 +182,21 @@ class Future(cf.Future):  # type: ignore[type-arg]
         with self._pull_lock:
             if self._result is not _NOT_HERE:
                 return self._result
+            if self._pull_error is not None:
+                raise self._pull_error
             g = _cluster.group()
-            ok, value = g.call_fetch(  # type: ignore[misc]
-                self.where, _sys_fetch_ref, (self.rrid, g.myid, True), {}
-            )
-            with self._condition:
-                self._owner_holds = False
-            with _clients_lock:
-                n = _client_refs.get(self.rrid, 0) - 1
-                if n > 0:
-                    _client_refs[self.rrid] = n
-                else:
-                    _client_refs.pop(self.rrid, None)
+            try:
+                ok, value = g.call_fetch(  # type: ignore[misc]
+                    self.where, _sys_fetch_ref, (self.rrid, g.myid, True), {}
+                )
+            except BaseException as exc:
+                self._pull_error = exc  # the owner let go of it: this answer is final
+                raise
+            finally:
+                # Asked with release=True: the owner no longer counts us, whatever came back.
+                with self._condition:
+                    self._owner_holds = False
+                _client_release(self.rrid)
             if not ok:
                 raise value  # type: ignore[misc]
             self._result = value

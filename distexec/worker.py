@@ -18,8 +18,10 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from typing import NoReturn
 
 from . import _config
@@ -82,7 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=0, help="port to listen on (default: any free one)")
-    ap.add_argument("--cookie-file", help="read the cookie from this file (mode 600) instead of stdin")
+    ap.add_argument(
+        "--cookie-file", help="read the cookie from this file (mode 600) instead of stdin"
+    )
     ap.add_argument(
         "--parent-death",
         action="store_true",
@@ -120,9 +124,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if not cookie:
         print("distexec-worker: no cookie on stdin", file=sys.stderr)
         os._exit(2)
-    allow_insecure = args.allow_insecure_network or os.environ.get(
-        "DISTEXEC_ALLOW_INSECURE_NETWORK"
-    ) == "1"
+    allow_insecure = (
+        args.allow_insecure_network or os.environ.get("DISTEXEC_ALLOW_INSECURE_NETWORK") == "1"
+    )
     if not _is_loopback(args.bind) and not allow_insecure:
         print(
             f"distexec-worker: refusing to listen on {args.bind} without TLS; "
@@ -131,27 +135,37 @@ def main(argv: list[str] | None = None) -> NoReturn:
         )
         os._exit(2)
 
+    # Listen and report before importing distexec proper: the master dials while we import,
+    # and the kernel's backlog holds its connection until the accept loop starts.
+    sock = socket.create_server((args.bind, args.port), backlog=128)
+    host, port = args.bind, sock.getsockname()[1]
+    sys.stdout.write(f"distexec-worker {host}:{port}\n")
+    sys.stdout.flush()
+
     import distexec  # noqa: F401  - wires the runtime (refs, pools) before anything arrives
+
     from . import _cluster, _interrupt
 
     g = _cluster.group()
     g.set_cookie(cookie)
     _interrupt.install_worker_handler()
-    host, port = g.listen(args.bind, args.port)
-    sys.stdout.write(f"distexec-worker {host}:{port}\n")
-    sys.stdout.flush()
+    g.serve(sock, (host, port))
     if watch_stdin:
         threading.Thread(
             target=_watch_stdin, args=(g.exit_requested,), name="distexec-stdin", daemon=True
         ).start()
     timeout = _config.worker_timeout()
-    if not g.joined.wait(timeout):
-        print(
-            f"distexec-worker: the master did not connect within {timeout:g} seconds; exiting",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)
+    deadline = time.monotonic() + timeout
+    while not g.joined.wait(0.05):
+        if g.exit_requested.is_set():
+            _shutdown(g)  # stdin closed before the master joined: nobody will come
+        if time.monotonic() > deadline:
+            print(
+                f"distexec-worker: the master did not connect within {timeout:g} seconds; exiting",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(1)
     g.exit_requested.wait()
     _shutdown(g)
 

@@ -56,9 +56,7 @@ def loads(body: memoryview | bytes, buffers: Sequence[memoryview] = ()) -> objec
     return pickle.loads(body, buffers=buffers)
 
 
-def encode(
-    msg: Message, response_id: int = 0, notify_id: int = 0
-) -> list[bytes | memoryview]:
+def encode(msg: Message, response_id: int = 0, notify_id: int = 0) -> list[bytes | memoryview]:
     """Pack *msg* into the parts of one frame. Pickling happens here, outside any send lock."""
     body, buffers = dumps(messages.fields(msg))
     return framing.pack(msg.TAG, response_id, notify_id, body, buffers)

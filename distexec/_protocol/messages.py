@@ -107,7 +107,17 @@ class MembershipMsg:
     removed: tuple[int, ...]
 
 
-Message = CallMsg | ResultMsg | DoneMsg | JoinMsg | JoinAckMsg | IdentifyMsg | RefsMsg | ExitMsg | MembershipMsg
+Message = (
+    CallMsg
+    | ResultMsg
+    | DoneMsg
+    | JoinMsg
+    | JoinAckMsg
+    | IdentifyMsg
+    | RefsMsg
+    | ExitMsg
+    | MembershipMsg
+)
 
 MSG_TYPES: dict[int, type[Any]] = {
     cls.TAG: cls

@@ -34,7 +34,9 @@ class Connection:
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, reader: FrameReader, hello: handshake.PeerHello) -> None:
+    def __init__(
+        self, sock: socket.socket, reader: FrameReader, hello: handshake.PeerHello
+    ) -> None:
         self.sock = sock
         self._reader = reader
         self._send_lock = threading.Lock()  # guards: writes to sock, bytes_sent
@@ -46,7 +48,7 @@ class Connection:
         self.bytes_received = 0
 
     def send(self, parts: Sequence[bytes | memoryview]) -> None:
-        """Write one packed message (see :func:`framing.pack`). Raises ``OSError`` if the link is gone."""
+        """Write one packed message (see :func:`framing.pack`); ``OSError`` if the link is gone."""
         with self._send_lock:
             framing.send_parts(self.sock, parts)
             self.bytes_sent += sum(memoryview(p).nbytes for p in parts)

@@ -5,7 +5,7 @@ Layer: L1 transport. Imports: stdlib, distexec.errors, distexec._config.
 A message on the wire::
 
     header   32 bytes  !BBHIQQQ  tag, flags, nbufs, seq, body_len, response_id, notify_id
-    lengths  8 bytes × nbufs     the length of each out-of-band buffer
+    lengths  8 bytes x nbufs     the length of each out-of-band buffer
     body     body_len bytes      the pickled message (opaque here)
     buffers  nbufs frames        pickle protocol 5 out-of-band buffers, never copied into the body
     [mac]    32 bytes            only when flags & FLAG_MAC (reserved for per-frame integrity)
@@ -167,7 +167,9 @@ class FrameReader:
         if nbufs > _config.MAX_BUFFERS:
             raise ProtocolError(f"message announces {nbufs} buffers (cap {_config.MAX_BUFFERS})")
         if body_len > self._max:
-            raise FrameTooLargeError(f"message body of {body_len} bytes exceeds the cap of {self._max}")
+            raise FrameTooLargeError(
+                f"message body of {body_len} bytes exceeds the cap of {self._max}"
+            )
         lens: tuple[int, ...] = ()
         if nbufs:
             self._fill(8 * nbufs)

@@ -136,7 +136,7 @@ def initiate(
         versions, their_info = _exchange_hello(sock, reader, info, peer)
         sock.settimeout(None)
         return PeerHello(versions, their_info, _mac(cookie, b"s", ni, nr))
-    except (socket.timeout, TimeoutError) as exc:
+    except TimeoutError as exc:
         raise TimeoutError(f"handshake with {peer} did not finish within {timeout:g} s") from exc
     except EOFError as exc:
         raise AuthenticationError(
@@ -153,7 +153,7 @@ def respond(
     timeout: float,
     peer: str = "peer",
 ) -> PeerHello:
-    """Run the responder's side; raises before reading more than a fixed few bytes from a stranger."""
+    """Run the responder's side; a stranger can make it read only a few fixed-size fields."""
     deadline = time.monotonic() + timeout
     try:
         _deadline_timeout(sock, deadline)
@@ -172,7 +172,7 @@ def respond(
         versions, their_info = _exchange_hello(sock, reader, info, peer)
         sock.settimeout(None)
         return PeerHello(versions, their_info, _mac(cookie, b"s", ni, nr))
-    except (socket.timeout, TimeoutError) as exc:
+    except TimeoutError as exc:
         raise TimeoutError(f"handshake with {peer} did not finish within {timeout:g} s") from exc
     except EOFError as exc:
         raise ProtocolError(f"{peer} closed the connection during the handshake") from exc

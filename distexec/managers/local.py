@@ -92,9 +92,7 @@ class LocalManager(ClusterManager):
                     start_new_session=True,
                 )
             except OSError as exc:
-                raise LaunchError(
-                    f"could not start {argv[0]!r}: {exc}", host="localhost"
-                ) from exc
+                raise LaunchError(f"could not start {argv[0]!r}: {exc}", host="localhost") from exc
             assert proc.stdin is not None
             proc.stdin.write(cookie + b"\n")
             proc.stdin.flush()
@@ -178,7 +176,9 @@ class OutputRelay:
         self.tail: deque[str] = deque(maxlen=40)
         self._streams = streams
         self.done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"distexec-output-w{pid}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"distexec-output-w{pid}", daemon=True
+        )
         self._thread.start()
 
     def _run(self) -> None:

@@ -1,0 +1,278 @@
+"""Adding and removing workers: ids, membership, output, cleanup, the worker's own exits."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import helpers
+import psutil
+import pytest
+
+import distexec as dx
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaked_workers")]
+
+
+def test_alone_the_master_is_its_own_worker() -> None:
+    assert dx.myid() == 1
+    assert dx.myrole() == "master"
+    assert dx.procs() == [1]
+    assert dx.workers() == [1]
+    assert dx.nprocs() == 1
+    assert dx.nworkers() == 1
+
+
+def test_pids_count_up_and_are_never_reused() -> None:
+    first = dx.addprocs(2)
+    assert first == sorted(first) and len(first) == 2
+    assert dx.workers() == first
+    assert dx.nworkers() == 2 and dx.nprocs() == 3
+    assert dx.procs() == [1, *first]
+    dx.rmprocs(first[0])
+    assert dx.workers() == [first[1]]
+    second = dx.addprocs(1)
+    assert second[0] > first[1]
+    # Workers see the membership too, pushed after each change.
+    assert dx.remotecall_fetch(dx.workers, second[0]) == [first[1], second[0]]
+    assert dx.remotecall_fetch(dx.nprocs, first[1]) == 3
+    dx.rmprocs(dx.workers())
+    assert dx.workers() == [1]
+
+
+def test_rmprocs_leaves_no_process_and_fails_fast_afterwards() -> None:
+    pids = dx.addprocs(2)
+    ospids = [dx.remotecall_fetch(helpers.ospid, p) for p in pids]
+    t0 = time.monotonic()
+    dx.rmprocs(*pids)
+    print(f"rmprocs(2 workers) took {1000 * (time.monotonic() - t0):.1f} ms")
+    for ospid in ospids:
+        assert (
+            not psutil.pid_exists(ospid) or psutil.Process(ospid).status() == psutil.STATUS_ZOMBIE
+        )
+    children = {c.pid for c in psutil.Process().children(recursive=True)}
+    assert not children & set(ospids), "a removed worker is still our child (zombie?)"
+    with pytest.raises(dx.ProcessExitedException, match="no longer part of the group"):
+        dx.remotecall_fetch(abs, pids[0], 1)
+
+
+def test_rmprocs_waitfor_zero_returns_a_handle() -> None:
+    pids = dx.addprocs(1)
+    handle = dx.rmprocs(pids, waitfor=0)
+    assert handle is not None
+    handle.result(timeout=30)
+    assert dx.workers() == [1]
+
+
+def test_calls_waiting_on_a_removed_worker_get_the_closed_error() -> None:
+    (pid,) = dx.addprocs(1)
+    fut = dx.remotecall(time.sleep, pid, 30)
+    dx.rmprocs(pid)
+    with pytest.raises(dx.ClusterClosedError):
+        fut.fetch(timeout=30)
+
+
+def test_rmprocs_escalates_to_sigkill_for_a_stopped_worker() -> None:
+    """A stopped worker heeds neither the exit message nor SIGTERM; SIGKILL ends it."""
+    (pid,) = dx.addprocs(1)
+    ospid = dx.remotecall_fetch(helpers.ospid, pid)
+    os.kill(ospid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    dx.rmprocs(pid)
+    print(f"stopped worker removed in {time.monotonic() - t0:.2f} s")
+    assert not psutil.pid_exists(ospid)
+
+
+def test_worker_ignoring_sigterm_is_killed(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(
+        "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    )
+    (pid,) = dx.addprocs(1, env={"PYTHONPATH": str(tmp_path)})
+    ospid = dx.remotecall_fetch(helpers.ospid, pid)
+    assert dx.remotecall_fetch(lambda: __import__("signal").getsignal(15), pid) == 1  # SIG_IGN
+    os.kill(ospid, signal.SIGSTOP)  # and deaf to the exit message
+    dx.rmprocs(pid)
+    assert not psutil.pid_exists(ospid)
+
+
+def test_worker_death_fails_pending_calls_at_once() -> None:
+    (pid,) = dx.addprocs(1)
+    slow = dx.remotecall(time.sleep, pid, 30)
+    with pytest.raises(dx.ProcessExitedException) as info:
+        dx.remotecall_fetch(helpers.die, pid, 3)
+    assert info.value.pid == pid
+    assert "exited with code 3" in str(info.value)
+    with pytest.raises(dx.ProcessExitedException):
+        slow.fetch(timeout=10)
+    with pytest.raises(dx.ProcessExitedException):
+        dx.remotecall_fetch(abs, pid, 1)
+    assert pid not in dx.workers()
+
+
+def test_output_is_prefixed_with_the_worker_id() -> None:
+    code = (
+        "import distexec as dx\n"
+        "(p,) = dx.addprocs(1)\n"
+        "dx.remotecall_fetch(print, p, 'ping', flush=True)\n"
+        "dx.rmprocs(p)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "From worker 2: ping" in out.stdout
+
+
+def test_invalid_keyword_and_topology_errors() -> None:
+    with pytest.raises(ValueError, match="Invalid keyword argument bogus"):
+        dx.addprocs(1, bogus=True)
+    with pytest.raises(ValueError, match="topology"):
+        dx.addprocs(1, topology="ring")
+    with pytest.raises(TypeError):
+        dx.addprocs("two")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        dx.addprocs(-1)
+
+
+def test_only_the_master_adds_workers(cluster_one: int) -> None:
+    with pytest.raises(dx.RemoteException) as info:
+        dx.remotecall_fetch(dx.addprocs, cluster_one, 1)
+    assert isinstance(info.value.captured.ex, dx.ClusterError)
+    assert "Only process 1" in str(info.value.captured.ex)
+
+
+@pytest.fixture
+def cluster_one() -> object:
+    (pid,) = dx.addprocs(1)
+    yield pid
+    dx.rmprocs(pid)
+
+
+def test_cookie_can_be_read_and_set_only_while_alone() -> None:
+    c = dx.cluster_cookie()
+    assert isinstance(c, str) and len(c) >= 16
+    (pid,) = dx.addprocs(1)
+    with pytest.raises(dx.ClusterError):
+        dx.cluster_cookie("another")
+    assert dx.remotecall_fetch(dx.cluster_cookie, pid) == c
+    dx.rmprocs(pid)
+    assert dx.cluster_cookie("my-own-cookie") == "my-own-cookie"
+    (pid,) = dx.addprocs(1)
+    assert dx.remotecall_fetch(dx.myid, pid) == pid
+    dx.rmprocs(pid)
+    dx.cluster_cookie(c)
+
+
+def test_cookie_never_on_a_command_line() -> None:
+    (pid,) = dx.addprocs(1)
+    ospid = dx.remotecall_fetch(helpers.ospid, pid)
+    cmdline = " ".join(psutil.Process(ospid).cmdline())
+    assert dx.cluster_cookie() not in cmdline
+    assert "127.0.0.1" in cmdline  # local workers bind to loopback
+    dx.rmprocs(pid)
+
+
+def test_worker_exits_when_the_master_never_connects() -> None:
+    env = dict(os.environ, DISTEXEC_WORKER_TIMEOUT="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distexec.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"cookie\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().startswith(b"distexec-worker 127.0.0.1:")
+    assert proc.wait(30) == 1
+    assert b"did not connect within 1 seconds" in (proc.stderr.read() if proc.stderr else b"")
+
+
+def test_worker_exits_when_its_stdin_closes_before_joining() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distexec.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"cookie\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().startswith(b"distexec-worker ")
+    proc.stdin.close()  # the master (or the ssh session) is gone
+    assert proc.wait(10) == 0
+
+
+def test_joined_worker_exits_when_master_is_killed(tmp_path: object) -> None:
+    code = (
+        "import distexec as dx, sys\n"
+        "(p,) = dx.addprocs(1)\n"
+        "import helpers\n"
+        "print(dx.remotecall_fetch(helpers.ospid, p), flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(helpers.__file__))
+    master = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert master.stdout is not None
+    worker_ospid = int(master.stdout.readline())
+    assert psutil.pid_exists(worker_ospid)
+    master.send_signal(signal.SIGKILL)
+    master.wait(10)
+    helpers.wait_until(
+        lambda: (
+            not psutil.pid_exists(worker_ospid)
+            or psutil.Process(worker_ospid).status() == psutil.STATUS_ZOMBIE
+        ),
+        timeout=5,
+        what="the orphaned worker to exit",
+    )
+
+
+def test_addprocs_timeout_for_a_worker_that_never_reports() -> None:
+    class Silent(dx.LocalManager):
+        def launch(self, params, launched, launch_ntfy):  # type: ignore[no-untyped-def]
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(30)"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            with launch_ntfy:
+                launched.append(dx.WorkerConfig(io=proc.stdout, process=proc))
+                launch_ntfy.notify_all()
+
+    before = dx.procs()
+    t0 = time.monotonic()
+    with pytest.raises(dx.WorkerTimeoutError):
+        dx.addprocs(Silent(1), timeout=1)
+    assert time.monotonic() - t0 < 10
+    assert dx.procs() == before
+    # The failed launch consumed its pid.
+    (pid,) = dx.addprocs(1)
+    assert pid > max(before) + 1 if len(before) > 1 else pid >= 3
+    dx.rmprocs(pid)
+
+
+def test_manager_launch_errors_surface_with_their_message() -> None:
+    class Broken(dx.ClusterManager):
+        def launch(self, params, launched, launch_ntfy):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no machines today")
+
+    with pytest.raises(dx.LaunchError, match="no machines today"):
+        dx.addprocs(Broken())
+
+
+def test_repr_shows_state() -> None:
+    from distexec import _cluster
+
+    (pid,) = dx.addprocs(1)
+    peer = _cluster.group().peer(pid)
+    assert repr(peer).startswith(f"<Worker id={pid} state=connected addr=127.0.0.1:")
+    dx.rmprocs(pid)
+    assert "state=terminated" in repr(peer)

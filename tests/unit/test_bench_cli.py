@@ -1,0 +1,225 @@
+"""``python -m distexec.bench``: the command line end to end, and its parts without processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from distexec.bench._cases import CASES, Settings
+from distexec.bench._cli import main
+from distexec.bench._report import render
+from distexec.bench._runner import rotated, summarize
+from distexec.bench._standalone import dxb_echo
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK_BACKENDS = ["raw_tcp", "raw_unix", "ppe"]
+
+
+def _run_bench(*args: str, timeout: float = 100) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "distexec.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_quick_latency_json_is_complete_and_consistent() -> None:
+    proc = _run_bench(
+        "--quick", "--cases", "latency", "--backends", ",".join(QUICK_BACKENDS), "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+
+    assert doc["schema"] == "distexec.bench/1"
+    assert doc["settings"]["backends"] == QUICK_BACKENDS
+    reps = doc["settings"]["reps"]
+    assert reps >= 1
+    assert doc["reaped"] == []
+    case = doc["cases"]["latency"]
+    assert case["reference"] == "ppe"
+    assert case["floor"] in ("raw_tcp", "raw_unix")
+    assert {m["key"] for m in case["metrics"]} >= {"median_us", "p99_us", "calls_per_s"}
+
+    for name in QUICK_BACKENDS:
+        entry = case["backends"][name]
+        assert "error" not in entry, entry.get("runs")
+        assert entry["reps_ok"] == entry["reps"] == reps
+        for key in ("median_us", "p99_us", "calls_per_s"):
+            stat = entry["summary"][key]
+            assert stat["n"] == reps
+            assert 0 < stat["min"] <= stat["median"] <= stat["max"]
+        assert entry["summary"]["median_us"]["median"] <= entry["summary"]["p99_us"]["median"]
+        # each repetition ran every backend once, in a rotated order
+        assert [r["rep"] for r in entry["runs"]] == list(range(reps))
+        assert all(r["ok"] and r["leftover"] == [] for r in entry["runs"])
+
+    backends = case["backends"]
+    ppe_self = backends["ppe"]["ratios"]["vs_ppe"]["median_us"]
+    assert ppe_self["median"] == ppe_self["min"] == ppe_self["max"] == 1.0
+    floor_self = backends[case["floor"]]["ratios"]["vs_floor"]["median_us"]
+    assert floor_self["median"] == 1.0
+    for name in QUICK_BACKENDS:
+        for label, ref in (("vs_ppe", "ppe"), ("vs_floor", case["floor"])):
+            per_rep = backends[name]["ratios"][label]["median_us"]["per_rep"]
+            expected = [
+                mine["metrics"]["median_us"] / theirs["metrics"]["median_us"]
+                for mine, theirs in zip(backends[name]["runs"], backends[ref]["runs"], strict=True)
+            ]
+            assert per_rep == pytest.approx(expected)
+    positions = {
+        rep: [backends[b]["runs"][rep]["position"] for b in QUICK_BACKENDS] for rep in range(reps)
+    }
+    assert positions[0] == [0, 1, 2]
+    if reps > 1:
+        assert positions[1] == [2, 0, 1]
+    assert psutil.Process().children(recursive=True) == []
+
+
+@pytest.mark.timeout(60)
+def test_text_table_names_backends_and_ratios() -> None:
+    proc = _run_bench(
+        "--quick", "--reps", "1", "--cases", "startup", "--backends", "raw_unix", "--quiet"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "## startup:" in proc.stdout
+    assert "| raw_unix" in proc.stdout
+    assert "÷ raw_unix" in proc.stdout
+    assert "Floor: raw_unix" in proc.stdout
+
+
+def test_rejects_unknown_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--backends", "raw_tcp,nope"])
+    assert exc.value.code == 2
+    assert "unknown backend: nope" in capsys.readouterr().err
+
+
+def test_rotated_orders() -> None:
+    assert [rotated("abc", k) for k in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
+
+
+def _ok(rep: int, **metrics: float) -> dict[str, Any]:
+    return {"ok": True, "metrics": metrics, "info": {}, "rep": rep, "leftover": [], "reaped": []}
+
+
+def _err(rep: int, msg: str) -> dict[str, Any]:
+    return {"ok": False, "error": msg, "rep": rep, "leftover": [], "reaped": []}
+
+
+def test_summary_ratios_are_per_repetition_then_median() -> None:
+    case = CASES["throughput_unbatched"]
+    params = case.params(Settings(quick=True))
+    runs = {
+        "raw_tcp": [_ok(0, items_per_s=400.0), _ok(1, items_per_s=100.0)],
+        "raw_unix": [_ok(0, items_per_s=300.0), _ok(1, items_per_s=300.0)],
+        "ppe": [_ok(0, items_per_s=100.0), _ok(1, items_per_s=50.0)],
+        "distexec": [_err(0, "AttributeError: no pmap"), _err(1, "AttributeError: no pmap")],
+        "loky": [_ok(0, items_per_s=200.0), _err(1, "RuntimeError: flaky")],
+    }
+    s = summarize(case, params, list(runs), runs)
+    b = s["backends"]
+    assert s["floor"] == "raw_unix"  # best median: 300 against raw_tcp's 250
+    assert b["ppe"]["ratios"]["vs_ppe"]["items_per_s"]["median"] == 1.0
+    # time ratios: ppe 100/400 in repetition 0, 50/100 in repetition 1
+    tcp = b["raw_tcp"]["ratios"]["vs_ppe"]["items_per_s"]
+    assert tcp["per_rep"] == [0.25, 0.5]
+    assert tcp["median"] == pytest.approx(0.375)
+    assert b["ppe"]["ratios"]["vs_floor"]["items_per_s"]["per_rep"] == [3.0, 6.0]
+    assert b["distexec"]["error"] == "AttributeError: no pmap"
+    assert "summary" not in b["distexec"]
+    assert b["distexec"]["ratios"]["vs_ppe"] == {}
+    loky = b["loky"]
+    assert loky["reps_ok"] == 1
+    assert "error" not in loky
+    assert loky["errors"] == ["RuntimeError: flaky"]
+    assert loky["ratios"]["vs_ppe"]["items_per_s"]["per_rep"] == [0.5, None]
+
+    text = render(
+        {
+            "settings": {"reps": 2, "quick": True},
+            "machine": {
+                "python": "3.11",
+                "platform": "test",
+                "usable_cpus": 2,
+                "cpus": 2,
+                "start_method": "fork",
+                "load1_before": 0.0,
+            },
+            "cases": {"throughput_unbatched": s},
+        }
+    )
+    assert "| distexec | 0/2  | error: AttributeError: no pmap |" in text
+    assert "loky: error: RuntimeError: flaky" in text
+    assert "Floor: raw_unix" in text
+
+
+def test_throughput_reports_the_chunk_size_that_won_most_often() -> None:
+    case = CASES["throughput"]
+    params = case.params(Settings(quick=True))
+    runs = {
+        "ppe": [
+            _ok(0, best_items_per_s=10.0, best_chunksize=1000),
+            _ok(1, best_items_per_s=12.0, best_chunksize=5000),
+            _ok(2, best_items_per_s=11.0, best_chunksize=1000),
+        ]
+    }
+    s = summarize(case, params, ["ppe"], runs)
+    assert s["floor"] is None
+    assert s["backends"]["ppe"]["summary"]["best_chunksize"]["mode"] == 1000
+    assert s["backends"]["ppe"]["summary"]["best_items_per_s"]["median"] == 11.0
+
+
+@pytest.mark.timeout(30)
+def test_raw_chan_carries_small_large_and_out_of_band_messages() -> None:
+    np = pytest.importorskip("numpy")
+    a, b = socket.socketpair()
+    left, right = dxb_echo.Chan(a), dxb_echo.Chan(b)
+    big_list = list(range(100_000))  # body larger than the staging buffer
+    array = np.arange(1_000_000, dtype=np.float64)  # 8 MB: out of band, huge-page buffer
+    messages: list[Any] = [1, "x" * 10, big_list, array, (2, array[:10]), None]
+
+    def echo() -> None:
+        for _ in messages:
+            right.send(right.recv())
+
+    peer = threading.Thread(target=echo)
+    peer.start()
+    try:
+        for msg in messages:
+            left.send(msg)
+            back: Any = left.recv()
+            if isinstance(msg, np.ndarray):
+                assert np.array_equal(back, msg)
+                assert back.flags.writeable
+            elif isinstance(msg, tuple):
+                assert back[0] == msg[0]
+                assert np.array_equal(back[1], msg[1])
+            else:
+                assert back == msg
+    finally:
+        peer.join(timeout=20)
+        left.close()
+        right.close()
+    assert not peer.is_alive()
