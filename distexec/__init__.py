@@ -19,6 +19,7 @@ from ._api import procs as procs
 from ._api import rmprocs as rmprocs
 from ._api import statistics as statistics
 from ._api import workers as workers
+from ._channel import Channel as Channel
 from ._free import fetch as fetch
 from ._free import isready as isready
 from ._free import put as put
@@ -48,26 +49,40 @@ from .errors import WorkerDiedError as WorkerDiedError
 from .errors import WorkerLostError as WorkerLostError
 from .errors import WorkerTimeoutError as WorkerTimeoutError
 from .errors import WorkerUnresponsiveError as WorkerUnresponsiveError
+from .executor import DistributedExecutor as DistributedExecutor
 from .managers.base import ClusterManager as ClusterManager
 from .managers.base import WorkerConfig as WorkerConfig
 from .managers.local import LocalManager as LocalManager
+from .pmap import pmap as pmap
 from .refs import Future as Future
+from .retry import ExponentialBackOff as ExponentialBackOff
+from .retry import retry as retry
+from .workerpool import AbstractWorkerPool as AbstractWorkerPool
+from .workerpool import CachingPool as CachingPool
+from .workerpool import WorkerPool as WorkerPool
+from .workerpool import default_worker_pool as default_worker_pool
+from .workerpool import remote as remote
 
 __all__ = [
-    "RRID",
+    "AbstractWorkerPool",
     "AuthenticationError",
+    "CachingPool",
     "CapturedException",
+    "Channel",
     "ChannelClosedError",
     "ClusterClosedError",
     "ClusterError",
     "ClusterManager",
     "DeserializationError",
+    "DistributedExecutor",
     "DistexecError",
+    "ExponentialBackOff",
     "Future",
     "LaunchError",
     "LocalManager",
     "ProcessExitedException",
     "ProtocolError",
+    "RRID",
     "RemoteException",
     "SerializationError",
     "TaskTimeoutError",
@@ -75,11 +90,12 @@ __all__ = [
     "WorkerConfig",
     "WorkerDiedError",
     "WorkerLostError",
+    "WorkerPool",
     "WorkerTimeoutError",
     "WorkerUnresponsiveError",
-    "__version__",
     "addprocs",
     "cluster_cookie",
+    "default_worker_pool",
     "fetch",
     "interrupt",
     "isready",
@@ -87,15 +103,19 @@ __all__ = [
     "myrole",
     "nprocs",
     "nworkers",
+    "pmap",
     "procs",
     "put",
+    "remote",
     "remote_do",
     "remotecall",
     "remotecall_fetch",
     "remotecall_wait",
+    "retry",
     "rmprocs",
     "statistics",
     "take",
     "wait",
     "workers",
+    "__version__",
 ]

@@ -183,6 +183,19 @@ def addprocs(
     return new
 
 
+def add_private_workers(n: int, **kwargs: Any) -> list[WorkerId]:
+    """Start *n* local workers that belong to their caller (an executor), not to the
+    default pool. They are members of the group like any other."""
+    g = _require_master("add")
+    manager = _local.LocalManager(n, True)
+    params = _check_params(manager, kwargs)
+    params["private"] = True
+    with _worker_lock:
+        if not any(p.state is not PeerState.TERMINATED for p in g.peers()):
+            _set_topology(g, str(params["topology"]), bool(params["lazy"]))
+        return _launch_and_connect(g, manager, params)
+
+
 def _check_params(manager: ClusterManager, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     params = dict(_COMMON_PARAMS)
     params.update(manager.default_params())
@@ -247,7 +260,20 @@ def _launch_and_connect(
                 batch, launched[:] = list(launched), []
             for config in batch:
                 pid = g.new_pid()
-                setups.append((pid, pool.submit(_setup_worker, g, pid, config, manager, timeout)))
+                setups.append(
+                    (
+                        pid,
+                        pool.submit(
+                            _setup_worker,
+                            g,
+                            pid,
+                            config,
+                            manager,
+                            timeout,
+                            bool(params.get("private")),
+                        ),
+                    )
+                )
             if launch_done.is_set():
                 with ntfy:
                     if not launched:
@@ -282,6 +308,7 @@ def _setup_worker(
     config: WorkerConfig,
     manager: ClusterManager,
     timeout: float,
+    private: bool = False,
 ) -> WorkerId:
     deadline = time.monotonic() + timeout
     relay: _local.OutputRelay | None = None
@@ -312,7 +339,12 @@ def _setup_worker(
             address = (host, port)
             config.connect_at = address
             peer = g.connect_worker(
-                pid, address, config, manager, timeout=max(0.1, deadline - time.monotonic())
+                pid,
+                address,
+                config,
+                manager,
+                timeout=max(0.1, deadline - time.monotonic()),
+                private=private,
             )
         if relay is not None:
             peer.output_tail = relay.tail

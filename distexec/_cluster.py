@@ -20,9 +20,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import _config
 from ._ids import MASTER, RRID, Counter, WorkerId
@@ -85,6 +85,7 @@ class Peer:
         "output_tail",
         "pending",
         "pid",
+        "private",
         "state",
     )
 
@@ -105,12 +106,19 @@ class Peer:
         self.awaiting: set[RRID] = set()  # futures whose value this peer will push
         self.exit_reason = ""
         self.output_tail: deque[str] = deque(maxlen=40)
+        self.private = False  # owned by an executor: kept out of the default pool
 
     def __repr__(self) -> str:
         addr = self.address
         if isinstance(addr, tuple):
             addr = f"{addr[0]}:{addr[1]}"
         return f"<Worker id={self.pid} state={self.state.value} addr={addr}>"
+
+
+class Sink(Protocol):
+    """Anything that takes the answer to a call: ``set(ok, value)``, called exactly once."""
+
+    def set(self, ok: bool, value: object) -> None: ...
 
 
 class Reply:
@@ -169,7 +177,7 @@ class ProcessGroup:
         self._removed: set[WorkerId] = set()
         self._next_pid = Counter(2)
         self._call_ids = Counter(1)
-        self._pending: dict[int, Reply] = {}
+        self._pending: dict[int, Sink] = {}
         self._pending_lock = threading.Lock()  # guards: _pending, Peer.pending, Peer.awaiting
         self.awaiting: dict[RRID, Awaitable] = {}
         self.topology = "all_to_all"
@@ -480,11 +488,13 @@ class ProcessGroup:
         *,
         timeout: float,
         conn: Connection | None = None,
+        private: bool = False,
     ) -> Peer:
         """Dial a launched worker, make it pid *pid*, and wait until it answers (master only)."""
         peer = Peer(pid, address)
         peer.config = config
         peer.manager = manager
+        peer.private = private
         with self._lock:
             self._peers[pid] = peer
         deadline = time.monotonic() + timeout
@@ -599,12 +609,62 @@ class ProcessGroup:
             self._peer_lost(peer, conn, exc)
             raise self._lost_error(peer) from exc
 
+    def prepare_call(
+        self,
+        fn: Callable[..., object],
+        args: tuple[object, ...],
+        kwargs: Mapping[str, object],
+    ) -> tuple[int, list[bytes | memoryview]]:
+        """Pickle a call whose value comes back (FETCH): ``(call id, frame parts)``.
+
+        The parts do not depend on the destination, so a retried call is pickled once.
+
+        Raises:
+            SerializationError: the call would not pickle; nothing was sent.
+        """
+        cid = self._call_ids.next()
+        return cid, codec.encode(CallMsg(fn, args, kwargs, CallMode.FETCH), response_id=cid)
+
+    def send_call(
+        self, pid: WorkerId, cid: int, parts: list[bytes | memoryview], sink: Sink
+    ) -> None:
+        """Send a prepared call to *pid*; its answer goes to ``sink.set(ok, value)``.
+
+        ``sink.set`` runs on the connection's reader thread (or here, if *pid* is already
+        gone): it must be quick and never block. A lost peer fails the sink with
+        ``ProcessExitedException``; it never raises here.
+        """
+        try:
+            conn = self.connection_to(pid)
+        except Exception as exc:
+            sink.set(False, exc)
+            return
+        peer = self._peers[pid]
+        with self._pending_lock:
+            self._pending[cid] = sink
+            peer.pending.add(cid)
+        if peer.state is PeerState.TERMINATED:
+            self._fail_pending(peer, cid)
+            return
+        try:
+            conn.send(parts)
+        except OSError as exc:
+            self._peer_lost(peer, conn, exc)
+            self._fail_pending(peer, cid)
+
+    def _fail_pending(self, peer: Peer, cid: int) -> None:
+        with self._pending_lock:
+            sink = self._pending.pop(cid, None)
+            peer.pending.discard(cid)
+        if sink is not None:
+            sink.set(False, self._lost_error(peer))
+
     def call_fetch(
         self,
         pid: WorkerId,
         fn: Callable[..., object],
         args: tuple[object, ...],
-        kwargs: dict[str, object],
+        kwargs: Mapping[str, object],
         timeout: float | None = None,
     ) -> object:
         """Run ``fn(*args, **kwargs)`` on *pid* (not this process) and return its value.
@@ -614,22 +674,13 @@ class ProcessGroup:
             ProcessExitedException: *pid* went away before answering.
             SerializationError: the call would not pickle; nothing was sent.
         """
-        cid = self._call_ids.next()
-        parts = codec.encode(CallMsg(fn, args, kwargs, CallMode.FETCH), response_id=cid)
-        conn = self.connection_to(pid)
-        peer = self._peers[pid]
-        reply = self._register(peer, cid)
-        if peer.state is PeerState.TERMINATED:
-            self._unregister(peer, cid)
-            raise self._lost_error(peer)
-        try:
-            conn.send(parts)
-        except OSError as exc:
-            self._unregister(peer, cid)
-            self._peer_lost(peer, conn, exc)
-            raise self._lost_error(peer) from exc
+        cid, parts = self.prepare_call(fn, args, kwargs)
+        reply = Reply(pid)
+        self.send_call(pid, cid, parts, reply)
         if not reply.wait(timeout):
-            self._unregister(peer, cid)
+            peer = self._peers.get(pid)
+            if peer is not None:
+                self._unregister(peer, cid)
             raise TimeoutError(f"no answer from worker {pid} within {timeout:g} s")
         if reply.ok:
             return reply.value

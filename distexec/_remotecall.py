@@ -14,6 +14,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from . import _cluster, refs
 from ._ids import WorkerId
+from ._syncscope import register as _sync_register
 from .errors import CapturedException, RemoteException
 
 P = ParamSpec("P")
@@ -25,11 +26,20 @@ def _check_callable(fn: object) -> None:
         raise TypeError(f"expected a callable to run remotely, got {type(fn).__name__}")
 
 
-def remotecall(fn: Callable[..., Any], pid: WorkerId, /, *args: Any, **kwargs: Any) -> refs.Future:
+def _is_pool(target: object) -> bool:
+    # Pools live a layer above; they are recognised by the methods they offer.
+    return not isinstance(target, int) and hasattr(target, "remotecall_fetch")
+
+
+def remotecall(
+    fn: Callable[..., Any], pid: WorkerId | Any, /, *args: Any, **kwargs: Any
+) -> refs.Future:
     """Start ``fn(*args, **kwargs)`` on process *pid* and return a :class:`Future` at once.
 
     Julia: ``remotecall(f, id, args...; kwargs...)``. The value stays on *pid* until fetched
-    (small values are sent along when ready).
+    (small values are sent along when ready). *pid* may be a pool: a worker is borrowed from
+    it until the call finishes (Julia's ``remotecall(f, pool, ...)``); the same holds for the
+    other functions of this family.
 
     Raises:
         SerializationError: *fn* or an argument cannot be pickled; nothing was sent.
@@ -37,6 +47,8 @@ def remotecall(fn: Callable[..., Any], pid: WorkerId, /, *args: Any, **kwargs: A
         ValueError: *pid* is not in the group.
     """
     _check_callable(fn)
+    if _is_pool(pid):
+        return pid.remotecall(fn, *args, **kwargs)  # type: ignore[attr-defined,no-any-return]
     g = _cluster.group()
     pid = g.check_pid(pid)
     fut = refs.Future(pid)
@@ -45,10 +57,13 @@ def remotecall(fn: Callable[..., Any], pid: WorkerId, /, *args: Any, **kwargs: A
         g.runner.submit(refs.run_local, fut, fn, args, kwargs)
     else:
         g.call_future(pid, fn, args, kwargs, fut.rrid, fut)
+    _sync_register(fut)  # an enclosing ``with sync():`` waits for it (O(1), free without one)
     return fut
 
 
-def remotecall_fetch(fn: Callable[P, R], pid: WorkerId, /, *args: P.args, **kwargs: P.kwargs) -> R:
+def remotecall_fetch(
+    fn: Callable[P, R], pid: WorkerId | Any, /, *args: P.args, **kwargs: P.kwargs
+) -> R:
     """Call ``fn(*args, **kwargs)`` on process *pid* and wait for its value.
 
     Julia: ``remotecall_fetch(f, id, args...; kwargs...)``; faster than
@@ -60,6 +75,8 @@ def remotecall_fetch(fn: Callable[P, R], pid: WorkerId, /, *args: P.args, **kwar
         SerializationError: the call cannot be pickled; nothing was sent.
     """
     _check_callable(fn)
+    if _is_pool(pid):
+        return pid.remotecall_fetch(fn, *args, **kwargs)  # type: ignore[attr-defined,no-any-return]
     g = _cluster.group()
     if pid == g.myid:
         try:
@@ -71,23 +88,27 @@ def remotecall_fetch(fn: Callable[P, R], pid: WorkerId, /, *args: P.args, **kwar
 
 
 def remotecall_wait(
-    fn: Callable[..., Any], pid: WorkerId, /, *args: Any, **kwargs: Any
+    fn: Callable[..., Any], pid: WorkerId | Any, /, *args: Any, **kwargs: Any
 ) -> refs.Future:
     """Start ``fn`` on *pid*, wait until it has finished there, and return its Future.
 
     Julia: ``remotecall_wait(f, id, args...; kwargs...)``. Raises ``RemoteException`` if it failed.
     """
+    if _is_pool(pid):
+        return pid.remotecall_wait(fn, *args, **kwargs)  # type: ignore[attr-defined,no-any-return]
     fut = remotecall(fn, pid, *args, **kwargs)
     fut.wait()
     return fut
 
 
-def remote_do(fn: Callable[..., Any], pid: WorkerId, /, *args: Any, **kwargs: Any) -> None:
+def remote_do(fn: Callable[..., Any], pid: WorkerId | Any, /, *args: Any, **kwargs: Any) -> None:
     """Run ``fn(*args, **kwargs)`` on *pid* and expect nothing back, not even an error.
 
     Julia: ``remote_do(f, id, args...; kwargs...)``. Calls to one process start in order.
     """
     _check_callable(fn)
+    if _is_pool(pid):
+        return pid.remote_do(fn, *args, **kwargs)  # type: ignore[attr-defined,no-any-return]
     g = _cluster.group()
     pid = g.check_pid(pid)
     if pid == g.myid:

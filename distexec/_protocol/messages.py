@@ -35,6 +35,10 @@ class CallMsg:
     mode: CallMode
     rrid: RRID | None = None
 
+    def __post_init__(self) -> None:
+        if type(self.mode) is int:  # decoded from the wire
+            object.__setattr__(self, "mode", CallMode(self.mode))
+
 
 @dataclass(frozen=True, slots=True)
 class ResultMsg:
@@ -142,8 +146,8 @@ _FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {
 
 def fields(msg: Message) -> tuple[object, ...]:
     """The message's fields in order (what goes on the wire)."""
-    if type(msg) is CallMsg:  # the hot path
-        return (msg.fn, msg.args, msg.kwargs, msg.mode, msg.rrid)
+    if type(msg) is CallMsg:  # the hot path; the mode travels as a plain int (no enum reduce)
+        return (msg.fn, msg.args, msg.kwargs, int(msg.mode), msg.rrid)
     if type(msg) is ResultMsg:
         return (msg.ok, msg.value)
     return tuple(getattr(msg, name) for name in _FIELD_NAMES[type(msg)])
