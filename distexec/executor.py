@@ -190,10 +190,7 @@ class DistributedExecutor(cf.Executor):
         self._idle = threading.Condition(self._lock)
 
         if pool is not None:
-            if isinstance(pool, AbstractWorkerPool):
-                pids = pool.workers()
-            else:
-                pids = list(pool)
+            pids = pool.workers() if isinstance(pool, AbstractWorkerPool) else list(pool)
             if not pids:
                 raise ValueError("pool has no workers")
             self._given = pids
@@ -257,7 +254,8 @@ class DistributedExecutor(cf.Executor):
                 raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
         star = len(iterables) != 1
-        source: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
+        # zip stops at the shortest input, as Executor.map does
+        source: Iterator[Any] = zip(*iterables, strict=False) if star else iter(iterables[0])
         if chunksize == 1:
             chunks: Iterator[list[Any]] = ([x] for x in source)
         else:
@@ -394,11 +392,15 @@ class DistributedExecutor(cf.Executor):
             if pid in self._slots:
                 self._slots[pid] -= 1
             done = self._tasks_done[pid] = self._tasks_done.get(pid, 0) + 1
-            if self._max_tasks is not None and done >= self._max_tasks and pid in self._owned:
-                if pid not in self._retiring:
-                    self._retiring.add(pid)
-                    self._want_workers += 1
-                    self._events.notify_all()
+            if (
+                self._max_tasks is not None
+                and done >= self._max_tasks
+                and pid in self._owned
+                and pid not in self._retiring
+            ):
+                self._retiring.add(pid)
+                self._want_workers += 1
+                self._events.notify_all()
             if not ok and self._should_retry(item, value):  # type: ignore[arg-type]
                 self._dispatch_locked()
                 return

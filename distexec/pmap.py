@@ -192,7 +192,10 @@ class _Engine:
     ) -> None:
         self.f = f
         self.star = len(iterables) > 1
-        src: Iterator[Any] = iter(zip(*iterables)) if self.star else iter(iterables[0])
+        # zip stops at the shortest input, as map() does
+        src: Iterator[Any] = (
+            iter(zip(*iterables, strict=False)) if self.star else iter(iterables[0])
+        )
         self.source = enumerate(src)
         self.pool = pool
         self.batch_size = batch_size
@@ -247,6 +250,18 @@ class _Engine:
         else:
             self.exhausted = True
         return idxs, items
+
+    def _work_left(self) -> bool:
+        """Whether elements remain to be sent (peeks one from the input if it must)."""
+        if self.ready or self.due:
+            return True
+        if self.exhausted:
+            return False
+        for idx, item in self.source:
+            self.ready.append((idx, item))
+            return True
+        self.exhausted = True
+        return False
 
     def _send(self, unit: _Unit) -> None:
         self.inflight[unit.pid] = self.inflight.get(unit.pid, 0) + 1
@@ -351,9 +366,10 @@ class _Engine:
                         if self.pool is not None:
                             self.workers = _live(self.pool)
                         if not self.workers:
-                            self.error = ClusterError(
-                                "pmap: no worker left in the pool to run the remaining elements"
-                            )
+                            if self._work_left():
+                                self.error = ClusterError(
+                                    "pmap: no worker left in the pool to run the remaining elements"
+                                )
                             break
                     pid = self._pick_worker()
                     if pid is None:

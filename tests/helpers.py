@@ -71,3 +71,52 @@ def _exit_on_load() -> None:
 
 def return_exit_on_load() -> ExitOnLoad:
     return ExitOnLoad()
+
+
+# -- counters kept in the worker process, for exact-run-count tests
+_runs: dict[object, int] = {}
+
+
+def reset_runs() -> None:
+    _runs.clear()
+
+
+def runs() -> dict[object, int]:
+    return dict(_runs)
+
+
+_attempts: dict[object, int] = {}
+
+
+def next_attempt(key: object) -> int:
+    """Runs on pid 1: the cluster-wide attempt number of *key* (1 for the first)."""
+    n = _attempts[key] = _attempts.get(key, 0) + 1
+    return n
+
+
+def reset_attempts() -> None:
+    _attempts.clear()
+
+
+def square_failing_once(x: int, failing: frozenset[int]) -> int:
+    """x*x; raises on the first attempt, cluster-wide, of each element in *failing*.
+
+    Every run is counted in the process that ran it; pid 1 numbers the attempts of the
+    failing elements so a retry on another worker does not fail again.
+    """
+    _runs[x] = _runs.get(x, 0) + 1
+    if x in failing:
+        import distexec as dx
+
+        if dx.remotecall_fetch(next_attempt, 1, x) == 1:
+            raise RuntimeError(f"transient failure of {x}")
+    return x * x
+
+
+def sleep_and_return(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+def pid_and_value(x: object) -> tuple[int, object]:
+    return os.getpid(), x

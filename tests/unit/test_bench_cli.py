@@ -13,11 +13,15 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 import pytest
+from helpers import wait_until
 
+from distexec.bench import _procs
+from distexec.bench._backends import BACKENDS, Backend
 from distexec.bench._cases import CASES, Settings
 from distexec.bench._cli import main
+from distexec.bench._driver import run as run_driver_in_process
 from distexec.bench._report import render
-from distexec.bench._runner import rotated, summarize
+from distexec.bench._runner import MARKER_ENV, reap, rotated, summarize
 from distexec.bench._standalone import dxb_echo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +92,8 @@ def test_quick_latency_json_is_complete_and_consistent() -> None:
     assert positions[0] == [0, 1, 2]
     if reps > 1:
         assert positions[1] == [2, 0, 1]
-    assert psutil.Process().children(recursive=True) == []
+    markers = [r["marker"] for b in QUICK_BACKENDS for r in backends[b]["runs"]]
+    assert all(_procs.carrying(MARKER_ENV, m) == [] for m in markers)
 
 
 @pytest.mark.timeout(60)
@@ -223,3 +228,87 @@ def test_raw_chan_carries_small_large_and_out_of_band_messages() -> None:
         left.close()
         right.close()
     assert not peer.is_alive()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["raw_tcp", "raw_unix"])
+def test_raw_floor_maps_every_chunk_size_without_deadlock(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))  # prepare() adds _standalone to it
+    backend = BACKENDS[name]()
+    backend.prepare()
+    backend.start(2)
+    try:
+        pids = backend.ping_all()
+        assert len(set(pids)) == 2
+        items = list(range(200_000))
+        for chunksize in (1, 1000, 5000, 25_000, 100_000):
+            n = 2000 if chunksize == 1 else len(items)
+            assert backend.map(backend.tasks.identity, items[:n], chunksize) == items[:n]
+        assert backend.call(backend.tasks.identity, "x") == "x"
+    finally:
+        backend.stop()
+        backend.stop()  # idempotent
+    assert not any(p.is_running() for p in map(_proc_or_none, pids) if p is not None)
+
+
+def _proc_or_none(pid: int) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+    return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+
+
+class _FailingBackend(Backend):
+    """Starts nothing and fails on the first call, as an unfinished backend would."""
+
+    name = "failing"
+    kind = "distexec"
+    description = "test double"
+    import_stmt = "pass"
+    stopped = 0
+
+    def start(self, nworkers: int) -> None:
+        self.nworkers = nworkers
+
+    def ping_all(self) -> list[int]:
+        return [os.getpid()]
+
+    def call(self, fn: Any, arg: Any) -> Any:
+        raise NotImplementedError("remotecall_fetch is not there yet")
+
+    def map(self, fn: Any, items: Any, chunksize: int) -> list[Any]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        type(self).stopped += 1
+
+
+def test_driver_reports_a_failing_backend_as_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setitem(BACKENDS, "failing", _FailingBackend)
+    params = CASES["latency"].params(Settings(quick=True))
+    result = run_driver_in_process("latency", "failing", params)
+    assert result["ok"] is False
+    assert result["error"] == "NotImplementedError: remotecall_fetch is not there yet"
+    assert "metrics" not in result
+    assert _FailingBackend.stopped == 1
+    assert run_driver_in_process("no-such-case", "failing", params)["error"].startswith("n/a")
+
+
+@pytest.mark.timeout(30)
+def test_reap_ends_processes_that_carry_the_marker() -> None:
+    marker = "test-" + os.urandom(8).hex()
+    env = {**os.environ, MARKER_ENV: marker}
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    try:
+        wait_until(lambda: _procs.carrying(MARKER_ENV, marker) == [proc.pid], timeout=10)
+        reaped = reap(marker)
+        assert [r["pid"] for r in reaped] == [proc.pid]
+        assert proc.wait(timeout=10) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

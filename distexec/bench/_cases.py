@@ -1,0 +1,195 @@
+"""What each benchmark case measures: parameters, metrics, and the words printed above its table.
+
+Layer: tooling (``python -m distexec.bench``). Imports: stdlib.
+
+A ``Case`` is metadata only, shared by the orchestrator and the drivers; the code that measures
+lives in ``_measure`` and is registered per (case, backend). To add a case: ``register_case``
+a ``Case`` here and decorate its measurement with ``@measure("name")`` in ``_measure``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The command line's say in every case's parameters."""
+
+    quick: bool = False
+    #: Bandwidth payload in MB (1 MB = 1e6 bytes); None: the case's default.
+    size_mb: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One number a driver reports for a case."""
+
+    key: str
+    #: Column header, with the unit.
+    label: str
+    #: Which way is good; None for a number that is not a figure of merit (a chunk size).
+    better: Literal["lower", "higher"] | None = None
+    #: Short name for the ratio columns; None: no ratios on this metric.
+    ratio: str | None = None
+    #: How repetitions combine: the median, or the most frequent value (for a choice).
+    summary: Literal["median", "mode"] = "median"
+    #: Whether the table shows min-max next to the median (JSON always has them).
+    show_range: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """A benchmark case: what it runs, with which parameters, and how to read it."""
+
+    name: str
+    title: str
+    params: Callable[[Settings], dict[str, Any]]
+    metrics: Callable[[Mapping[str, Any]], tuple[Metric, ...]]
+    #: What exactly is measured, given the parameters: printed under the title.
+    explain: Callable[[Mapping[str, Any]], str]
+    #: Seconds a driver may take before it is killed (``--quick`` caps it at 60).
+    timeout_s: float = 180.0
+    #: Part of a run that does not name its cases.
+    default: bool = True
+    #: The backend of the first ratio columns (JSON key ``vs_<reference>``).
+    reference: str = "ppe"
+
+    def primary(self, params: Mapping[str, Any]) -> Metric:
+        """The metric that picks the floor: the first one with ratios."""
+        return next(m for m in self.metrics(params) if m.ratio)
+
+
+CASES: dict[str, Case] = {}
+
+
+def register_case(case: Case) -> Case:
+    """Make *case* available as ``--cases case.name`` (order of registration = order of run)."""
+    if case.name in CASES:
+        raise ValueError(f"case {case.name!r} is registered twice")
+    CASES[case.name] = case
+    return case
+
+
+WORKERS = 2
+
+
+register_case(
+    Case(
+        name="latency",
+        title="sequential round trips of identity(i)",
+        params=lambda s: {
+            "workers": WORKERS,
+            "warmup": 50 if s.quick else 300,
+            "calls": 500 if s.quick else 5000,
+        },
+        metrics=lambda p: (
+            Metric("median_us", "median µs", "lower", ratio="median"),
+            Metric("p99_us", "p99 µs", "lower"),
+            Metric("calls_per_s", "calls/s", "higher"),
+        ),
+        explain=lambda p: (
+            f"{p['calls']} calls one after another after {p['warmup']} warm-up calls, on one of "
+            f"{p['workers']} workers; per-call µs (median, p99 within a driver); calls/s = calls "
+            "/ total time. Raw floors name the function by reference, as pickle does."
+        ),
+        timeout_s=120.0,
+    )
+)
+
+register_case(
+    Case(
+        name="throughput",
+        title="map identity over small ints, best chunk size",
+        params=lambda s: {
+            "workers": WORKERS,
+            "items": 20_000 if s.quick else 200_000,
+            "chunksizes": [100, 1000, 5000] if s.quick else [1000, 10_000, 25_000],
+            "inner": 1 if s.quick else 3,
+        },
+        metrics=lambda p: (
+            Metric("best_items_per_s", "best items/s", "higher", ratio="best"),
+            Metric("best_chunksize", "chunk", summary="mode"),
+            *(
+                Metric(f"items_per_s@{cs}", f"cs={cs}", "higher", show_range=False)
+                for cs in p["chunksizes"]
+            ),
+        ),
+        explain=lambda p: (
+            f"list(map(identity, range({p['items']}))) across {p['workers']} workers: "
+            "ProcessPoolExecutor/loky/DistributedExecutor .map(chunksize=cs), distexec "
+            "pmap(batch_size=cs), raw floors pipelined chunks. Each chunk size runs "
+            f"{p['inner']} time(s) per driver (median); 'best' is the best chunk size of each "
+            "repetition, 'chunk' the one that was best most often; cs=N columns: items/s, median."
+        ),
+    )
+)
+
+register_case(
+    Case(
+        name="throughput_unbatched",
+        title="map identity over small ints, one item per task",
+        params=lambda s: {"workers": WORKERS, "items": 1000 if s.quick else 20_000},
+        metrics=lambda p: (Metric("items_per_s", "items/s", "higher", ratio="items/s"),),
+        explain=lambda p: (
+            f"as throughput, {p['items']} items, chunksize=1 (distexec: pmap batch_size=1; raw "
+            "floors keep up to 8 requests in flight per worker)."
+        ),
+    )
+)
+
+
+def _bandwidth_params(s: Settings) -> dict[str, Any]:
+    size_mb = s.size_mb if s.size_mb is not None else (10.0 if s.quick else 100.0)
+    return {
+        "workers": WORKERS,
+        "size_bytes": int(size_mb * 1e6) // 8 * 8,
+        "transfers": 2 if s.quick else 5,
+    }
+
+
+register_case(
+    Case(
+        name="bandwidth",
+        title="a large float64 numpy array to a worker (and back)",
+        params=_bandwidth_params,
+        metrics=lambda p: (
+            Metric("one_way_ms", "one way ms", "lower", ratio="1-way"),
+            Metric("one_way_MBps", "one way MB/s", "higher"),
+            Metric("round_trip_ms", "round trip ms", "lower", ratio="rt"),
+            Metric("round_trip_MBps", "round trip MB/s", "higher"),
+        ),
+        explain=lambda p: (
+            f"a = {p['size_bytes'] / 1e6:g} MB of float64. one way: f(a) returns a.nbytes, so "
+            "the array crosses once; round trip: f(a) returns a, so it crosses twice. MB/s = "
+            "bytes that crossed (1 or 2 times the array, 1 MB = 1e6 bytes) / time. Each driver: "
+            f"1 warm-up (checked equal), then the median of {p['transfers']} timed transfers "
+            "each way. Raw floors: pickle 5 buffers out of band, received into huge-page memory."
+        ),
+        timeout_s=300.0,
+    )
+)
+
+register_case(
+    Case(
+        name="startup",
+        title="nothing → 2 workers that each answered one call",
+        params=lambda s: {"workers": WORKERS},
+        metrics=lambda p: (
+            Metric("ready_ms", "ready ms", "lower", ratio="ready"),
+            Metric("import_ms", "import ms", "lower"),
+            Metric("total_ms", "total ms", "lower"),
+            Metric("teardown_ms", "teardown ms", "lower"),
+        ),
+        explain=lambda p: (
+            "ready = from creating the pool (addprocs, Popen) until every one of "
+            f"{p['workers']} workers answered a call, in a driver that already imported the "
+            "library; import = the library's import statement timed in a fresh interpreter; "
+            "total = import + ready; teardown = shutdown/rmprocs until it returned. The raw "
+            "floors start fresh interpreters (the addprocs way); ppe forks (on Linux)."
+        ),
+        timeout_s=120.0,
+    )
+)

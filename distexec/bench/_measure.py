@@ -1,0 +1,216 @@
+"""The measurements, registered per (case, backend).
+
+Layer: tooling (``python -m distexec.bench``). Imports: stdlib; numpy inside the bandwidth case.
+
+``lookup(case, backend)`` returns the function registered for exactly that pair, else the one
+registered for ``"*"`` (every backend), else None (the cell reads ``n/a``). A measurement gets a
+prepared backend: for ``lifecycle="warm"`` the driver has also started its workers and had each
+answer one call, and stops them afterwards; ``lifecycle="own"`` measurements (startup) start
+and stop the backend themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from distexec.bench._backends import Backend, BenchUnavailable
+
+Lifecycle = Literal["warm", "own"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one driver reports: numbers keyed as the case's metrics, and context."""
+
+    metrics: dict[str, float]
+    info: dict[str, object] = field(default_factory=dict)
+
+
+MeasureFn = Callable[[Backend, Mapping[str, Any]], Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """A registered measurement and who starts the workers for it."""
+
+    fn: MeasureFn
+    lifecycle: Lifecycle
+
+
+MEASUREMENTS: dict[tuple[str, str], Measurement] = {}
+
+
+def measure(
+    case: str, *, backends: Iterable[str] = ("*",), lifecycle: Lifecycle = "warm"
+) -> Callable[[MeasureFn], MeasureFn]:
+    """Decorator: register *fn* as the measurement of *case* for *backends* (``"*"``: all)."""
+
+    def deco(fn: MeasureFn) -> MeasureFn:
+        for backend in backends:
+            if (case, backend) in MEASUREMENTS:
+                raise ValueError(f"measurement ({case!r}, {backend!r}) is registered twice")
+            MEASUREMENTS[(case, backend)] = Measurement(fn, lifecycle)
+        return fn
+
+    return deco
+
+
+def lookup(case: str, backend: str) -> Measurement | None:
+    """The measurement for *backend* in *case*, or None if it has none."""
+    return MEASUREMENTS.get((case, backend)) or MEASUREMENTS.get((case, "*"))
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile *q* (0, 100] of already sorted values."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@measure("latency")
+def latency(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """Sequential ``call(identity, i)``: per-call median and p99, and calls per second."""
+    fn = b.tasks.identity
+    for i in range(p["warmup"]):
+        b.call(fn, i)
+    clock = time.perf_counter_ns
+    samples: list[int] = []
+    calls = p["calls"]
+    t_start = clock()
+    for i in range(calls):
+        t0 = clock()
+        r = b.call(fn, i)
+        samples.append(clock() - t0)
+    total = clock() - t_start
+    if r != calls - 1:
+        raise AssertionError(f"identity({calls - 1}) returned {r!r}")
+    samples.sort()
+    us = [s / 1e3 for s in samples]
+    return Outcome(
+        {
+            "median_us": statistics.median(us),
+            "p99_us": percentile(us, 99),
+            "mean_us": statistics.fmean(us),
+            "calls_per_s": calls / (total / 1e9),
+        }
+    )
+
+
+def _timed_map(b: Backend, fn: Any, items: list[int], chunksize: int) -> float:
+    t0 = time.perf_counter()
+    out = b.map(fn, items, chunksize)
+    dt = time.perf_counter() - t0
+    if len(out) != len(items) or out[-1] != items[-1] or out[0] != items[0]:
+        raise AssertionError(f"map(identity, chunksize={chunksize}) returned a different list")
+    return dt
+
+
+@measure("throughput")
+def throughput(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """``map(identity, range(items))`` at each chunk size; the best items/s and its chunk size."""
+    fn = b.tasks.identity
+    items = list(range(p["items"]))
+    if b.map(fn, items[:2000], 100) != items[:2000]:  # warm-up, and one full equality check
+        raise AssertionError("map(identity) returned a different list")
+    metrics: dict[str, float] = {}
+    for cs in p["chunksizes"]:
+        times = [_timed_map(b, fn, items, cs) for _ in range(p["inner"])]
+        metrics[f"items_per_s@{cs}"] = len(items) / statistics.median(times)
+    best = max(p["chunksizes"], key=lambda cs: metrics[f"items_per_s@{cs}"])
+    metrics["best_items_per_s"] = metrics[f"items_per_s@{best}"]
+    metrics["best_chunksize"] = best
+    return Outcome(metrics)
+
+
+@measure("throughput_unbatched")
+def throughput_unbatched(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """``map(identity, range(items), chunksize=1)``: one task per item."""
+    fn = b.tasks.identity
+    items = list(range(p["items"]))
+    b.map(fn, items[:100], 1)
+    return Outcome({"items_per_s": len(items) / _timed_map(b, fn, items, 1)})
+
+
+@measure("bandwidth")
+def bandwidth(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """A float64 array to a worker: one way (reply is an int) and round trip (reply is it)."""
+    try:
+        import numpy as np
+    except ImportError:
+        raise BenchUnavailable("numpy not installed") from None
+    size = p["size_bytes"]
+    a = np.arange(size // 8, dtype=np.float64)
+    r = b.call(b.tasks.identity, a)
+    if not np.array_equal(r, a):
+        raise AssertionError("identity(a) came back different")
+    del r
+    if b.call(b.tasks.nbytes, a) != a.nbytes:
+        raise AssertionError("nbytes(a) came back wrong")
+    one_way: list[float] = []
+    round_trip: list[float] = []
+    for _ in range(p["transfers"]):
+        t0 = time.perf_counter()
+        b.call(b.tasks.nbytes, a)
+        one_way.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        r = b.call(b.tasks.identity, a)
+        round_trip.append(time.perf_counter() - t0)
+        del r  # freeing 100 MB is not part of the transfer
+    ow = statistics.median(one_way)
+    rt = statistics.median(round_trip)
+    return Outcome(
+        {
+            "one_way_ms": ow * 1e3,
+            "one_way_MBps": size / 1e6 / ow,
+            "round_trip_ms": rt * 1e3,
+            "round_trip_MBps": 2 * size / 1e6 / rt,
+        },
+        {
+            "one_way_ms_all": [t * 1e3 for t in one_way],
+            "round_trip_ms_all": [t * 1e3 for t in round_trip],
+        },
+    )
+
+
+def time_import(stmt: str) -> float:
+    """Milliseconds *stmt* takes in a fresh interpreter (its start-up not included)."""
+    code = f"import time\nt = time.perf_counter()\n{stmt}\nprint(time.perf_counter() - t)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise RuntimeError(f"{stmt!r} failed in a fresh interpreter: {tail[0]}")
+    return float(proc.stdout.split()[-1]) * 1e3
+
+
+@measure("startup", lifecycle="own")
+def startup(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """From nothing to every worker having answered one call, then teardown."""
+    import_ms = time_import(b.import_stmt)
+    t0 = time.perf_counter()
+    b.start(p["workers"])
+    pids = b.ping_all()
+    t1 = time.perf_counter()
+    b.settle()
+    t2 = time.perf_counter()
+    b.stop()
+    t3 = time.perf_counter()
+    if len(set(pids)) != p["workers"]:
+        raise AssertionError(f"{p['workers']} workers expected, answers came from {pids}")
+    ready = (t1 - t0) * 1e3
+    return Outcome(
+        {
+            "ready_ms": ready,
+            "import_ms": import_ms,
+            "total_ms": import_ms + ready,
+            "teardown_ms": (t3 - t2) * 1e3,
+        },
+        {"worker_pids": pids},
+    )

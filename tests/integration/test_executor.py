@@ -1,0 +1,234 @@
+"""DistributedExecutor: the drop-in for ProcessPoolExecutor, on real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import itertools
+import os
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import helpers
+import pytest
+
+import distexec as dx
+from distexec import DistributedExecutor
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def executor() -> object:
+    with DistributedExecutor(max_workers=2) as ex:
+        yield ex
+        owned = ex.workers()
+    helpers.wait_until(
+        lambda: not set(owned) & set(dx.workers()), what="the executor's workers to be removed"
+    )
+
+
+def test_argument_checks_match_processpoolexecutor() -> None:
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        DistributedExecutor(0)
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        DistributedExecutor(-1)
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        DistributedExecutor(1, initializer=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="max_tasks_per_child must be an integer"):
+        DistributedExecutor(1, max_tasks_per_child=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_tasks_per_child must be >= 1"):
+        DistributedExecutor(1, max_tasks_per_child=0)
+
+
+def test_submit_map_and_errors(executor: DistributedExecutor) -> None:
+    assert executor.submit(pow, 2, 5).result(timeout=30) == 32
+    assert executor.submit(pow, base=2, exp=3).result(timeout=30) == 8
+    assert list(executor.map(abs, [-1, -2, 3])) == [1, 2, 3]
+    assert list(executor.map(pow, [2, 3], [2, 2], chunksize=5)) == [4, 9]
+    fut = executor.submit(helpers.raise_value_error, "nope")
+    with pytest.raises(ValueError, match="nope") as info:
+        fut.result(timeout=30)
+    assert "raise_value_error" in str(info.value.__cause__)
+    it = executor.map(lambda x: 1 // x, [1, 1, 0, 1])
+    assert next(it) == 1 and next(it) == 1
+    with pytest.raises(ZeroDivisionError):
+        next(it)
+
+
+def test_lambdas_work_here_unlike_processpoolexecutor(executor: DistributedExecutor) -> None:
+    k = 3
+    assert executor.submit(lambda x: x * k, 5).result(timeout=30) == 15
+    with cf.ProcessPoolExecutor(1) as ppe, pytest.raises(Exception):  # noqa: B017 - by version
+        ppe.submit(lambda x: x * k, 5).result(timeout=30)
+
+
+def test_map_with_on_error(executor: DistributedExecutor) -> None:
+    got = list(executor.map(lambda x: 1 // x, [1, 0, 2], on_error=lambda e: type(e).__name__))
+    assert got == [1, "ZeroDivisionError", 0]
+    got = list(executor.map(lambda x: 1 // x, [1, 0, 2], chunksize=2, on_error=lambda e: -1))
+    assert got == [1, -1, 0]
+
+
+def test_map_buffersize_is_lazy(executor: DistributedExecutor) -> None:
+    pulled = 0
+
+    def endless() -> object:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield i
+
+    it = executor.map(abs, endless(), buffersize=4)
+    assert [next(it) for _ in range(10)] == list(range(10))
+    assert pulled <= 10 + 4 + 1
+    with pytest.raises(ValueError):
+        executor.map(abs, [1], buffersize=0)
+
+
+def test_map_timeout(executor: DistributedExecutor) -> None:
+    it = executor.map(time.sleep, [0, 2], timeout=0.5)
+    with pytest.raises(cf.TimeoutError):
+        list(it)
+
+
+def test_futures_with_wait_as_completed_and_asyncio(executor: DistributedExecutor) -> None:
+    fs = [executor.submit(pow, i, 2) for i in range(10)]
+    _, not_done = cf.wait(fs, timeout=30)
+    assert not not_done
+    assert sorted(f.result() for f in cf.as_completed(fs)) == [i * i for i in range(10)]
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        a = await loop.run_in_executor(executor, pow, 3, 3)
+        b = await asyncio.wrap_future(executor.submit(pow, 2, 2))
+        c = await executor.submit(pow, 5, 2)  # awaited directly
+        return [a, b, c]
+
+    assert asyncio.run(main()) == [27, 4, 25]
+
+
+def test_unpicklable_argument_fails_its_future(executor: DistributedExecutor) -> None:
+    import pickle
+    import threading
+
+    fut = executor.submit(helpers.identity, threading.Lock())
+    with pytest.raises(pickle.PicklingError):
+        fut.result(timeout=30)
+    assert executor.submit(abs, -1).result(timeout=30) == 1
+
+
+def test_worker_death_fails_only_its_future(executor: DistributedExecutor) -> None:
+    slow = [executor.submit(helpers.sleep_and_return, 0.5) for _ in range(2)]
+    dead = executor.submit(helpers.die, 7)
+    with pytest.raises(dx.WorkerLostError) as info:
+        dead.result(timeout=30)
+    assert isinstance(info.value, BrokenProcessPool)
+    assert "exited with code 7" in str(info.value)
+    # The others either finished or, if they shared the dead worker, failed the same way.
+    survived = 0
+    for f in slow:
+        try:
+            assert f.result(timeout=30) == 0.5
+            survived += 1
+        except dx.WorkerLostError:
+            pass
+    assert survived >= 1
+    helpers.wait_until(lambda: executor.statistics().live_workers == 2, timeout=30, what="spare")
+    assert executor.submit(abs, -3).result(timeout=30) == 3
+    assert executor.statistics().replaced_workers >= 1
+
+
+def test_break_on_worker_death_breaks_the_pool(no_leaked_workers: None) -> None:
+    with DistributedExecutor(2, break_on_worker_death=True) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(helpers.die, 1).result(timeout=30)
+        helpers.wait_until(lambda: bool(ex._broken), what="broken")
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(abs, 1)
+
+
+def test_shutdown_semantics(no_leaked_workers: None) -> None:
+    ex = DistributedExecutor(1)
+    running = ex.submit(helpers.sleep_and_return, 0.3)
+    helpers.wait_until(running.running, timeout=30, what="the first call to start")
+    queued = [ex.submit(helpers.sleep_and_return, 0.3) for _ in range(6)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert running.result() == 0.3
+    assert any(f.cancelled() for f in queued)
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        ex.submit(abs, 1)
+    ex.shutdown()  # idempotent
+
+
+def test_shutdown_without_wait_finishes_the_work(no_leaked_workers: None) -> None:
+    ex = DistributedExecutor(1)
+    fs = [ex.submit(helpers.sleep_and_return, 0.05) for _ in range(3)]
+    ex.shutdown(wait=False)
+    assert [f.result(timeout=30) for f in fs] == [0.05] * 3
+
+
+def test_initializer_runs_on_every_worker(tmp_path: object, no_leaked_workers: None) -> None:
+    def init(tag: str) -> None:
+        import builtins
+
+        builtins._dx_tag = tag  # type: ignore[attr-defined]
+
+    def tag() -> str:
+        import builtins
+
+        return builtins._dx_tag  # type: ignore[attr-defined,no-any-return]
+
+    with DistributedExecutor(2, initializer=init, initargs=("ready",)) as ex:
+        assert set(ex.map(lambda _: tag(), range(20))) == {"ready"}
+        ex.submit(helpers.die, 1).exception(timeout=30)  # the replacement is initialized too
+        helpers.wait_until(lambda: ex.statistics().replaced_workers == 1, what="replacement")
+        assert set(ex.map(lambda _: tag(), range(20))) == {"ready"}
+
+
+def test_failing_initializer_breaks_the_executor(no_leaked_workers: None) -> None:
+    def bad() -> None:
+        raise RuntimeError("no init")
+
+    with DistributedExecutor(1, initializer=bad) as ex:
+        fut = ex.submit(abs, 1)
+        with pytest.raises(BrokenProcessPool):
+            fut.result(timeout=30)
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(abs, 1)
+
+
+def test_max_tasks_per_child_recycles_workers(no_leaked_workers: None) -> None:
+    with DistributedExecutor(1, max_tasks_per_child=3) as ex:
+        pids = [ex.submit(os.getpid).result(timeout=30) for _ in range(9)]
+    assert len(set(pids)) == 3
+    assert pids[:3] == [pids[0]] * 3
+
+
+def test_retry_delays_rerun_on_another_worker(no_leaked_workers: None) -> None:
+    helpers.reset_attempts()
+    with DistributedExecutor(2, retry_delays=[0, 0]) as ex:
+        f = ex.submit(helpers.square_failing_once, 4, frozenset({4}))
+        assert f.result(timeout=30) == 16
+        assert ex.statistics().retried == 1
+
+
+def test_pool_of_existing_workers_is_left_running(cluster: list[int]) -> None:
+    with DistributedExecutor(pool=dx.WorkerPool(cluster)) as ex:
+        assert set(ex.map(lambda _: dx.myid(), range(20))) <= set(cluster)
+    assert set(cluster) <= set(dx.workers())
+    assert dx.remotecall_fetch(dx.myid, cluster[0]) == cluster[0]
+
+
+def test_executor_workers_stay_out_of_the_default_pool(no_leaked_workers: None) -> None:
+    with DistributedExecutor(2) as ex:
+        ex.submit(abs, 1).result(timeout=30)
+        assert not set(ex.workers()) & set(dx.default_worker_pool().workers())
+
+
+def test_statistics(executor: DistributedExecutor) -> None:
+    executor.submit(abs, 1).result(timeout=30)
+    s = executor.statistics()
+    assert s.live_workers == 2 and s.running == 0 and s.pending == 0
+    assert s.completed >= 1
