@@ -47,9 +47,10 @@ def main() -> int:
         try:
             dx.remotecall_fetch(math.sqrt, w, -1.0)
         except dx.RemoteException as exc:
+            inner = exc.captured.ex
             print(
                 f"  {'a remote error keeps its type:':<58} {'':>11}   -> "
-                f"RemoteException(pid={exc.pid}, {type(exc.captured.ex).__name__}: {exc.captured.ex})"
+                f"RemoteException(pid={exc.pid}, {type(inner).__name__}: {inner})"
             )
         _step(
             "pmap(lambda x: x * x, range(10))",

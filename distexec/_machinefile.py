@@ -37,6 +37,7 @@ FILE_FORM = "[count*][user@]host[:port] [bind_addr[:port]]"
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\$?\Z")  # ``$``: Samba machine accounts
+_CHARSET = "must start with a letter, digit or '_' and hold only letters, digits, '.', '_', '-'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ def _parse_host_port(spec: str, text: str, what: str) -> tuple[str, int | None]:
     if not host:
         raise _bad(spec, f"empty {what}")
     if not _NAME.match(host):
-        raise _bad(spec, f"{what} {host!r} may only hold letters, digits, '.', '_' and '-'")
+        raise _bad(spec, f"{what} {host!r} {_CHARSET}")
     return host, port
 
 
@@ -127,7 +128,7 @@ def parse_machine(spec: str) -> tuple[str | None, str, int | None, str | None, i
     if "@" in target:
         user, _, target = target.rpartition("@")
         if not _USER.match(user):
-            raise _bad(spec, f"user {user!r} may only hold letters, digits, '.', '_' and '-'")
+            raise _bad(spec, f"user {user!r} {_CHARSET}")
     host, port = _parse_host_port(spec, target, "host")
     bind_addr: str | None = None
     bind_port: int | None = None
@@ -189,11 +190,12 @@ def merge_machines(machines: Iterable[object]) -> list[Machine]:
         raise TypeError("machines must be a list of specs, not a single string")
     merged: dict[tuple[object, ...], Machine] = {}
     for entry in machines:
+        spec: object
+        count: Count
         if isinstance(entry, str):
             spec, count = entry, 1
         elif isinstance(entry, tuple) and len(entry) == 2:
-            spec, count = entry
-            count = _check_count(entry, count)
+            spec, count = entry[0], _check_count(entry, entry[1])
         else:
             raise TypeError(
                 f"a machine is a spec string or a (spec, count) pair, not {entry!r}; "
@@ -202,10 +204,8 @@ def merge_machines(machines: Iterable[object]) -> list[Machine]:
         parts = parse_machine(spec)  # type: ignore[arg-type]
         old = merged.get(parts)
         if old is not None:
-            if "auto" in (old.count, count):
-                count = "auto"
-            else:
-                count = int(old.count) + int(count)
+            auto = "auto" in (old.count, count)
+            count = "auto" if auto else int(old.count) + int(count)  # type: ignore[arg-type]
         merged[parts] = Machine(format_machine(*parts), *parts, count=count)
     out = []
     for m in merged.values():
