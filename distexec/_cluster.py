@@ -266,12 +266,7 @@ class ProcessGroup:
     # ------------------------------------------------------------------ connections
 
     def _start_reader(self, peer: Peer, conn: Connection) -> None:
-        threading.Thread(
-            target=self._read_loop,
-            args=(peer, conn),
-            name=f"distexec-recv-w{peer.pid}",
-            daemon=True,
-        ).start()
+        self.runner.submit(self._read_loop, peer, conn)
 
     def connection_to(self, pid: WorkerId) -> Connection:
         """The live connection to *pid*, connecting lazily if this is a worker.
@@ -751,10 +746,23 @@ class ProcessGroup:
     # ------------------------------------------------------------------ receiving
 
     def _read_loop(self, peer: Peer, conn: Connection) -> None:
+        """Read messages from *peer* until the link drops (leader/follower for calls).
+
+        A call is decoded here, in arrival order; then reading passes to an idle runner
+        thread and this thread runs the call itself, so no thread handoff sits between a
+        call's arrival and its execution, and a blocked call never holds up the link.
+        """
         error: BaseException | None = None
         try:
             while True:
                 frame = conn.read()
+                if frame.tag == CallMsg.TAG:
+                    call = self._decode_call(peer, frame)
+                    if call is None:
+                        continue
+                    self.runner.submit(self._read_loop, peer, conn)  # a follower reads on
+                    self._execute(peer, call, frame.response_id)
+                    return
                 self._dispatch(peer, conn, frame)
         except (EOFError, OSError) as exc:
             error = exc
@@ -764,8 +772,18 @@ class ProcessGroup:
         except BaseException as exc:  # pragma: no cover - a bug in dispatch
             error = exc
             _log(f"reader for worker {peer.pid} crashed: {type(exc).__name__}: {exc}")
-        finally:
-            self._peer_lost(peer, conn, error)
+        self._peer_lost(peer, conn, error)
+
+    def _decode_call(self, peer: Peer, frame: Frame) -> CallMsg | None:
+        try:
+            msg = codec.decode(frame)
+        except BaseException as exc:
+            self._answer_undecodable_call(peer, frame, exc)
+            return None
+        assert isinstance(msg, CallMsg)
+        if msg.mode is CallMode.FUTURE and msg.rrid is not None:
+            self.owner_register(msg.rrid, peer.pid)
+        return msg
 
     def _dispatch(self, peer: Peer, conn: Connection, frame: Frame) -> None:
         tag = frame.tag
@@ -786,15 +804,9 @@ class ProcessGroup:
                 reply.set(True, msg)
             return
         if tag == CallMsg.TAG:
-            try:
-                msg = codec.decode(frame)
-            except BaseException as exc:
-                self._answer_undecodable_call(peer, frame, exc)
-                return
-            assert isinstance(msg, CallMsg)
-            if msg.mode is CallMode.FUTURE and msg.rrid is not None:
-                self.owner_register(msg.rrid, peer.pid)
-            self.runner.submit(self._execute, peer, msg, frame.response_id)
+            msg = self._decode_call(peer, frame)
+            if msg is not None:
+                self.runner.submit(self._execute, peer, msg, frame.response_id)
             return
         if tag == DoneMsg.TAG:
             self._handle_done(peer, frame)

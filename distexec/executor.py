@@ -367,23 +367,27 @@ class DistributedExecutor(cf.Executor):
         self._manager.start()
 
     def _dispatch_locked(self) -> None:
-        if not self._queue or self._broken:
-            return
-        for pid, n in self._slots.items():
-            while n < _DEPTH and self._queue and pid not in self._retiring:
-                item = self._queue.popleft()
-                if not item.started:
-                    if not item.future.set_running_or_notify_cancel():
-                        continue
-                    item.started = True
-                n += 1
-                self._slots[pid] = n
-                item.pid = pid
-                self._running[item.cid] = item
-                assert item.parts is not None
-                self._g.send_call(pid, item.cid, item.parts, item)
-            if not self._queue:
+        """Send queued calls, each to the least busy worker with a free slot."""
+        queue, slots = self._queue, self._slots
+        while queue and not self._broken:
+            pid, n = -1, _DEPTH
+            for p, k in slots.items():
+                if k < n and p not in self._retiring:
+                    pid, n = p, k
+                    if k == 0:
+                        break
+            if pid < 0:
                 return
+            item = queue.popleft()
+            if not item.started:
+                if not item.future.set_running_or_notify_cancel():
+                    continue
+                item.started = True
+            slots[pid] = n + 1
+            item.pid = pid
+            self._running[item.cid] = item
+            assert item.parts is not None
+            self._g.send_call(pid, item.cid, item.parts, item)
 
     def _completed(self, item: _Item, ok: bool, value: object) -> None:
         with self._lock:
