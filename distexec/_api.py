@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import os
+import shutil
 import subprocess
 import threading
 import time
@@ -324,10 +326,23 @@ def _setup_worker(
                 "host/port or io in the WorkerConfig"
             )
         else:
+            extras: dict[str, str] = {}
             if config.io is not None:
-                host, port = _local.read_banner(
-                    config.io, deadline, lambda line: print(f"From worker {pid}: {line}")
-                )
+                try:
+                    host, port, extras = _local.read_banner(
+                        config.io, deadline, lambda line: print(f"From worker {pid}: {line}")
+                    )
+                except LaunchError as exc:
+                    if isinstance(config.process, subprocess.Popen):
+                        try:
+                            config.process.wait(1.0)  # let it finish dying: its stderr is complete
+                        except subprocess.TimeoutExpired:
+                            pass
+                    raise type(exc)(
+                        f"worker {pid}: {exc}{_tail(config)}",
+                        host=str(config.host or exc.host or ""),
+                        stderr_tail=_tail(config),
+                    ) from exc
                 host = config.bind_addr or host
             elif config.host is not None and config.port is not None:
                 host, port = config.host, config.port
@@ -336,7 +351,11 @@ def _setup_worker(
                     f"{type(manager).__name__} gave worker {pid} neither io nor host/port"
                 )
             relay = _start_relay(pid, config)
-            address = (host, port)
+            address: Any = (host, port)
+            if "unix" in extras and isinstance(manager, _local.LocalManager):
+                # Same machine: AF_UNIX moves large buffers several times faster than TCP.
+                address = extras["unix"]
+                config.extra["unix_dir"] = os.path.dirname(address)
             config.connect_at = address
             peer = g.connect_worker(
                 pid,
@@ -415,6 +434,13 @@ def _kill_failed(pid: WorkerId, config: WorkerConfig, manager: ClusterManager) -
         _local.stop_process(proc, grace=0.0, term_grace=1.0)
 
 
+def _remove_unix_dir(config: WorkerConfig | None) -> None:
+    """A killed worker cannot remove its socket directory; its master does."""
+    unix_dir = config.extra.get("unix_dir") if config is not None else None
+    if unix_dir:
+        shutil.rmtree(unix_dir, ignore_errors=True)
+
+
 def _describe_exit(peer: _cluster.Peer) -> str:
     """Why a worker's link dropped, from its process (exit code, signal, last stderr lines)."""
     config = peer.config
@@ -422,6 +448,8 @@ def _describe_exit(peer: _cluster.Peer) -> str:
     if peer.closing or not isinstance(proc, subprocess.Popen):
         return ""
     code, text = _local.exit_description(proc, wait=0.5)
+    if code is not None:
+        _remove_unix_dir(config)
     relay = config.extra.get("relay") if config is not None else None
     if code is not None and relay is not None:
         relay.done.wait(0.5)
@@ -514,6 +542,7 @@ def _remove_one(g: _cluster.ProcessGroup, pid: WorkerId) -> None:
     if isinstance(proc, subprocess.Popen):
         _local.stop_process(proc)
     g.forget(pid, "removed by rmprocs")
+    _remove_unix_dir(config)
     relay = config.extra.get("relay") if config is not None else None
     if relay is not None:
         relay.done.wait(1.0)

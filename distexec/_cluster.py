@@ -382,6 +382,12 @@ class ProcessGroup:
             target=self._accept_loop, args=(sock,), name="distexec-accept", daemon=True
         ).start()
 
+    def serve_also(self, sock: socket.socket) -> None:
+        """Accept authenticated peers on a second listening socket (an AF_UNIX one)."""
+        threading.Thread(
+            target=self._accept_loop, args=(sock,), name="distexec-accept-unix", daemon=True
+        ).start()
+
     def _accept_loop(self, sock: socket.socket) -> None:
         while True:
             try:

@@ -78,12 +78,12 @@ def remotecall_fetch(
     if _is_pool(pid):
         return pid.remotecall_fetch(fn, *args, **kwargs)  # type: ignore[attr-defined,no-any-return]
     g = _cluster.group()
+    pid = g.check_pid(pid)  # before the shortcut: True or 1.0 are not pid 1
     if pid == g.myid:
         try:
             return fn(*args, **kwargs)
         except BaseException as exc:
             raise RemoteException(pid, CapturedException.capture(exc)) from exc
-    g.check_pid(pid)
     return g.call_fetch(pid, fn, args, kwargs)  # type: ignore[return-value]
 
 

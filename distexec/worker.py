@@ -17,11 +17,14 @@ import faulthandler
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+import types
 from typing import NoReturn
 
 from . import _config
@@ -93,6 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="exit when the parent process dies (local workers)",
     )
     ap.add_argument(
+        "--unix",
+        action="store_true",
+        help="also listen on an AF_UNIX socket in a private directory (local workers)",
+    )
+    ap.add_argument(
         "--allow-insecure-network",
         action="store_true",
         help="allow listening on a non-loopback address without TLS",
@@ -137,10 +145,27 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
     # Listen and report before importing distexec proper: the master dials while we import,
     # and the kernel's backlog holds its connection until the accept loop starts.
-    sock = socket.create_server((args.bind, args.port), backlog=128)
+    family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
+    sock = socket.create_server((args.bind, args.port), family=family, backlog=128)
     host, port = args.bind, sock.getsockname()[1]
-    sys.stdout.write(f"distexec-worker {host}:{port}\n")
+    banner = f"distexec-worker {host}:{port}"
+    unix_sock = None
+    if args.unix:
+        # A private directory (mode 700) holds the socket; the cookie still guards it.
+        unix_dir = tempfile.mkdtemp(prefix="distexec-w")
+        unix_path = os.path.join(unix_dir, "s")
+        unix_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix_sock.bind(unix_path)
+        unix_sock.listen(128)
+        banner += f" unix={unix_path}"
+        _cleanup.append(unix_dir)
+    sys.stdout.write(banner + "\n")
     sys.stdout.flush()
+
+    # User code gets a clean __main__ (Julia's Main), not this module: `python -m` made
+    # distexec.worker the __main__ module, and functions shipped from the master's __main__
+    # (and @everywhere definitions) must not meet our own main(), os or sys there.
+    sys.modules["__main__"] = types.ModuleType("__main__")
 
     import distexec  # noqa: F401  - wires the runtime (refs, pools) before anything arrives
 
@@ -150,6 +175,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     g.set_cookie(cookie)
     _interrupt.install_worker_handler()
     g.serve(sock, (host, port))
+    if unix_sock is not None:
+        g.serve_also(unix_sock)
     if watch_stdin:
         threading.Thread(
             target=_watch_stdin, args=(g.exit_requested,), name="distexec-stdin", daemon=True
@@ -170,7 +197,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
     _shutdown(g)
 
 
+_cleanup: list[str] = []
+
+
 def _shutdown(g: object) -> NoReturn:
+    for path in _cleanup:
+        shutil.rmtree(path, ignore_errors=True)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

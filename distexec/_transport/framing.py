@@ -58,7 +58,7 @@ class Frame:
 def alloc(n: int) -> memoryview:
     """Writable memory for *n* received bytes, without page-by-page zero-filling for large *n*."""
     if n >= _MMAP_THRESHOLD:
-        m = mmap.mmap(-1, n)
+        m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE)  # shared anonymous memory gets no THP
         try:
             m.madvise(mmap.MADV_HUGEPAGE)
         except (AttributeError, OSError):  # pragma: no cover - kernel without THP

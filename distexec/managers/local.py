@@ -73,7 +73,7 @@ class LocalManager(ClusterManager):
         bind = "127.0.0.1" if self.restrict else str(params.get("bind_addr") or "0.0.0.0")
         exename = params.get("exename")
         exeflags = tuple(params.get("exeflags") or ())
-        argv = worker_argv(exename, exeflags, "--bind", bind, "--parent-death")
+        argv = worker_argv(exename, exeflags, "--bind", bind, "--parent-death", "--unix")
         env = worker_env(
             params.get("env"), enable_threaded_blas=bool(params.get("enable_threaded_blas"))
         )
@@ -119,9 +119,10 @@ class LocalManager(ClusterManager):
 
 def read_banner(
     stream: IO[bytes], deadline: float, on_line: Callable[[str], None]
-) -> tuple[str, int]:
-    """Read lines from a worker's stdout until ``distexec-worker HOST:PORT``; other lines go to
-    *on_line*. Raises ``WorkerTimeoutError`` at *deadline*, ``LaunchError`` at EOF."""
+) -> tuple[str, int, dict[str, str]]:
+    """Read lines from a worker's stdout until ``distexec-worker HOST:PORT [key=value ...]``;
+    other lines go to *on_line*. Returns ``(host, port, extras)``. Raises
+    ``WorkerTimeoutError`` at *deadline*, ``LaunchError`` at EOF."""
     fd = stream.fileno()
     buf = b""
     sel = selectors.DefaultSelector()
@@ -133,7 +134,7 @@ def read_banner(
                 text = line.decode(errors="replace").rstrip("\r")
                 if text.startswith(BANNER):
                     _push_back(stream, buf)
-                    return _parse_banner(text)
+                    return parse_banner(text)
                 on_line(text)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -156,11 +157,15 @@ def _push_back(stream: IO[bytes], data: bytes) -> None:
         _pushed_back[stream.fileno()] = data
 
 
-def _parse_banner(text: str) -> tuple[str, int]:
-    addr = text[len(BANNER) :].split()[0]
-    host, _, port = addr.rpartition(":")
+def parse_banner(text: str) -> tuple[str, int, dict[str, str]]:
+    """Split ``distexec-worker HOST:PORT [key=value ...]`` into its parts."""
+    fields = text[len(BANNER) :].split()
+    if not fields:
+        raise LaunchError(f"malformed worker banner {text!r}")
+    host, _, port = fields[0].rpartition(":")
+    extras = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
     try:
-        return host.strip("[]"), int(port)
+        return host.strip("[]"), int(port), extras
     except ValueError:
         raise LaunchError(f"malformed worker banner {text!r}") from None
 
@@ -208,6 +213,11 @@ class OutputRelay:
                     self._emit(fd, bufs, outs, final=False)
         finally:
             sel.close()
+            for stream, _ in self._streams:  # the pipes are ours to close once drained
+                try:
+                    stream.close()
+                except OSError:
+                    pass
             self.done.set()
 
     def _emit(self, fd: int, bufs: dict[int, bytes], outs: dict[int, IO[str]], final: bool) -> None:
@@ -259,3 +269,9 @@ def stop_process(
         return proc.wait()
     proc.kill()
     return proc.wait()
+
+
+def _parse_banner(text: str) -> tuple[str, int]:
+    """``(host, port)`` of a banner (kept for callers that need no extras)."""
+    host, port, _ = parse_banner(text)
+    return host, port
