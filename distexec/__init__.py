@@ -26,6 +26,15 @@ from ._free import put as put
 from ._free import take as take
 from ._free import wait as wait
 from ._ids import RRID as RRID
+from ._macros import async_ as async_
+from ._macros import clear as clear
+from ._macros import distributed as distributed
+from ._macros import everywhere as everywhere
+from ._macros import fetchfrom as fetchfrom
+from ._macros import spawn as spawn
+from ._macros import spawnat as spawnat
+from ._macros import sync as sync
+from ._macros import timedwait as timedwait
 from ._remotecall import remote_do as remote_do
 from ._remotecall import remotecall as remotecall
 from ._remotecall import remotecall_fetch as remotecall_fetch
@@ -53,6 +62,7 @@ from .executor import DistributedExecutor as DistributedExecutor
 from .managers.base import ClusterManager as ClusterManager
 from .managers.base import WorkerConfig as WorkerConfig
 from .managers.local import LocalManager as LocalManager
+from .managers.ssh import SSHManager as SSHManager
 from .pmap import pmap as pmap
 from .refs import Future as Future
 from .retry import ExponentialBackOff as ExponentialBackOff
@@ -74,8 +84,8 @@ __all__ = [
     "ClusterError",
     "ClusterManager",
     "DeserializationError",
-    "DistributedExecutor",
     "DistexecError",
+    "DistributedExecutor",
     "ExponentialBackOff",
     "Future",
     "LaunchError",
@@ -84,6 +94,7 @@ __all__ = [
     "ProtocolError",
     "RRID",
     "RemoteException",
+    "SSHManager",
     "SerializationError",
     "TaskTimeoutError",
     "VersionMismatchError",
@@ -93,10 +104,16 @@ __all__ = [
     "WorkerPool",
     "WorkerTimeoutError",
     "WorkerUnresponsiveError",
+    "__version__",
     "addprocs",
+    "async_",
+    "clear",
     "cluster_cookie",
     "default_worker_pool",
+    "distributed",
+    "everywhere",
     "fetch",
+    "fetchfrom",
     "interrupt",
     "isready",
     "myid",
@@ -113,9 +130,12 @@ __all__ = [
     "remotecall_wait",
     "retry",
     "rmprocs",
+    "spawn",
+    "spawnat",
     "statistics",
+    "sync",
     "take",
+    "timedwait",
     "wait",
     "workers",
-    "__version__",
 ]
