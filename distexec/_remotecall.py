@@ -48,15 +48,19 @@ def remotecall(
     """
     _check_callable(fn)
     if _is_pool(pid):
-        return pid.remotecall(fn, *args, **kwargs)  # type: ignore[attr-defined,no-any-return]
+        return pid.remotecall(fn, *args, **kwargs)  # type: ignore[union-attr,no-any-return]
     g = _cluster.group()
     pid = g.check_pid(pid)
-    fut = refs.Future(pid)
+    fut = refs.Future._for_call(pid)
     fut.set_running_or_notify_cancel()
     if pid == g.myid:
         g.runner.submit(refs.run_local, fut, fn, args, kwargs)
     else:
-        g.call_future(pid, fn, args, kwargs, fut.rrid, fut)
+        try:
+            g.call_future(pid, fn, args, kwargs, fut.rrid, fut)
+        except BaseException:
+            fut._claims = 0  # nothing reached the owner: there is nothing to give back
+            raise
     _sync_register(fut)  # an enclosing ``with sync():`` waits for it (O(1), free without one)
     return fut
 
@@ -76,7 +80,7 @@ def remotecall_fetch(
     """
     _check_callable(fn)
     if _is_pool(pid):
-        return pid.remotecall_fetch(fn, *args, **kwargs)  # type: ignore[attr-defined,no-any-return]
+        return pid.remotecall_fetch(fn, *args, **kwargs)  # type: ignore[union-attr,no-any-return]
     g = _cluster.group()
     pid = g.check_pid(pid)  # before the shortcut: True or 1.0 are not pid 1
     if pid == g.myid:
@@ -95,7 +99,7 @@ def remotecall_wait(
     Julia: ``remotecall_wait(f, id, args...; kwargs...)``. Raises ``RemoteException`` if it failed.
     """
     if _is_pool(pid):
-        return pid.remotecall_wait(fn, *args, **kwargs)  # type: ignore[attr-defined,no-any-return]
+        return pid.remotecall_wait(fn, *args, **kwargs)  # type: ignore[union-attr,no-any-return]
     fut = remotecall(fn, pid, *args, **kwargs)
     fut.wait()
     return fut
@@ -108,7 +112,7 @@ def remote_do(fn: Callable[..., Any], pid: WorkerId | Any, /, *args: Any, **kwar
     """
     _check_callable(fn)
     if _is_pool(pid):
-        return pid.remote_do(fn, *args, **kwargs)  # type: ignore[attr-defined,no-any-return]
+        return pid.remote_do(fn, *args, **kwargs)  # type: ignore[union-attr,no-any-return]
     g = _cluster.group()
     pid = g.check_pid(pid)
     if pid == g.myid:

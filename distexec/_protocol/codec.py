@@ -6,7 +6,9 @@ Layer: L2 protocol. Imports: stdlib, cloudpickle, distexec.errors, messages, tra
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import cloudpickle
 
@@ -31,6 +33,61 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     Raises:
         SerializationError: *obj* cannot be pickled; the original error is the cause.
     """
+    ctx = _Pickling()
+    outer = getattr(_local, "ctx", None)  # a reduce may itself call a peer (and pickle)
+    _local.ctx = ctx
+    try:
+        return _dumps(obj)
+    except BaseException:
+        ctx.abandon()
+        raise
+    finally:
+        _local.ctx = outer
+
+
+class _Pickling:
+    """What one :func:`dumps` call has reduced so far, across its two pickling passes.
+
+    Reducing a Future or RemoteChannel has an effect elsewhere (its owner is told to keep the
+    value for the receiver). The C pass and the cloudpickle pass must then reduce each handle
+    to the same thing, once; and if the message is never sent, the effect must be undone.
+    """
+
+    __slots__ = ("memo", "undo")
+
+    def __init__(self) -> None:
+        self.memo: dict[int, tuple[object, Any]] = {}
+        self.undo: list[Callable[[], None]] = []
+
+    def abandon(self) -> None:
+        undo, self.undo = self.undo, []
+        for fn in undo:
+            try:
+                fn()
+            except Exception:  # pragma: no cover - undo is best effort (a peer may be gone)
+                pass
+
+
+_local = threading.local()
+
+
+def reduce_once(obj: object, make: Callable[[], Any], undo: Callable[[Any], None]) -> Any:
+    """``make()`` the first time *obj* is reduced in the current :func:`dumps`, the same
+    value again after that; ``undo(value)`` runs if that message is never sent
+    (see :func:`abandon`). Outside :func:`dumps` (plain ``pickle.dumps``) it just makes."""
+    ctx: _Pickling | None = getattr(_local, "ctx", None)
+    if ctx is None:
+        return make()
+    hit = ctx.memo.get(id(obj))
+    if hit is not None:
+        return hit[1]
+    value = make()
+    ctx.memo[id(obj)] = (obj, value)  # holding *obj* keeps its id from being reused meanwhile
+    ctx.undo.append(lambda: undo(value))
+    return value
+
+
+def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     buffers: list[memoryview] = []
 
     def keep_out_of_band(pb: pickle.PickleBuffer) -> bool:
@@ -45,7 +102,7 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
 
     try:
         body = pickle.dumps(obj, 5, buffer_callback=keep_out_of_band)
-    except Exception:
+    except (Exception, SystemExit):  # a __reduce__ that exits is user code failing to pickle
         body = b""
     else:
         if _BY_VALUE_MARK not in body and not _by_value_modules():
@@ -53,8 +110,10 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     buffers.clear()
     try:
         body = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band)
-    except Exception as exc:
-        raise SerializationError(f"cannot pickle {_describe(obj)}: {exc}") from exc
+    except (Exception, SystemExit) as exc:
+        raise SerializationError(
+            f"cannot pickle {_describe(obj)}: {type(exc).__name__}: {exc}"
+        ) from exc
     return body, buffers
 
 

@@ -51,13 +51,15 @@ class ResultMsg:
 
 @dataclass(frozen=True, slots=True)
 class DoneMsg:
-    """A Future's value is ready on its owner; ``inline`` says whether it came along."""
+    """A Future's value is ready on its owner; ``inline`` says whether it came along, and
+    ``dropped`` how many of the receiver's counts the owner gave up when it sent it."""
 
     TAG: ClassVar[int] = 3
     rrid: RRID
     ok: bool
     value: object
     inline: bool
+    dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +92,11 @@ class IdentifyMsg:
 
 @dataclass(frozen=True, slots=True)
 class RefsMsg:
-    """Batched reference-count changes for refs owned by the receiver."""
+    """Reference-count changes for refs owned by the receiver, applied in order:
+    ``("claim", rrid, token, watch)``, ``("del", rrid, n)``, ``("drop_token", rrid, token)``."""
 
     TAG: ClassVar[int] = 7
-    adds: tuple[tuple[RRID, int], ...]  # (rrid, new client pid)
-    dels: tuple[tuple[RRID, int], ...]  # (rrid, client pid that let go)
+    ops: tuple[tuple[Any, ...], ...]
 
 
 @dataclass(frozen=True, slots=True)
