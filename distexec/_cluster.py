@@ -28,6 +28,7 @@ from . import _config
 from ._ids import MASTER, RRID, Counter, WorkerId
 from ._protocol import codec
 from ._protocol.messages import (
+    MSG_TYPES,
     CallMode,
     CallMsg,
     DoneMsg,
@@ -49,6 +50,7 @@ from .errors import (
     ClusterClosedError,
     ClusterError,
     DeserializationError,
+    FrameTooLargeError,
     ProcessExitedException,
     ProtocolError,
     RemoteException,
@@ -142,11 +144,10 @@ class Reply:
         return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0))
 
 
-class Awaitable:
+class Awaitable(Protocol):
     """What a pushed :class:`DoneMsg` completes (implemented by ``refs.Future``)."""
 
-    def _complete(self, ok: bool, value: object, inline: bool) -> None:
-        raise NotImplementedError
+    def _complete(self, ok: bool, value: object, inline: bool, dropped: int = 0) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +232,12 @@ class ProcessGroup:
         """pid 1 and every member this process counts, sorted (Julia's ``procs()``)."""
         with self._lock:
             if self.role == "master":
-                ids = [p.pid for p in self._peers.values() if p.state is PeerState.CONNECTED]
+                # An executor's own workers are members, but not the user's to hand out.
+                ids = [
+                    p.pid
+                    for p in self._peers.values()
+                    if p.state is PeerState.CONNECTED and not p.private
+                ]
             else:
                 ids = [p.pid for p in self._peers.values() if p.state is not PeerState.TERMINATED]
         ids.append(self.myid)
@@ -295,10 +301,14 @@ class ProcessGroup:
                 if self.role == "master":
                     # The master dials workers when it adds them; wait for that to finish.
                     pass
-                elif self.topology == "master_worker" and MASTER not in (peer.pid, self.myid):
-                    raise ClusterError(
-                        f"peer {peer.pid} is not connected to {self.myid}. Topology : master_worker"
-                    )
+                elif self.topology != "all_to_all" and MASTER not in (peer.pid, self.myid):
+                    if self.topology == "custom" and peer.connecting:
+                        pass  # a configured link is being dialled: wait for it
+                    else:
+                        raise ClusterError(
+                            f"peer {peer.pid} is not connected to {self.myid}. "
+                            f"Topology : {self.topology}"
+                        )
                 elif not peer.connecting:
                     peer.connecting = True
                     break
@@ -318,7 +328,7 @@ class ProcessGroup:
                 self.call_fetch(MASTER, _sys_relay_connect, (peer.pid, self.myid), {})
             with peer.cond:
                 while peer.conn is None or peer.state is not PeerState.CONNECTED:
-                    if peer.state is PeerState.TERMINATED:
+                    if peer.state is PeerState.TERMINATED:  # type: ignore[comparison-overlap]
                         raise self._lost_error(peer)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -345,6 +355,7 @@ class ProcessGroup:
             self._hello(),
             timeout=_config.worker_timeout(),
             peer=f"worker {pid}",
+            **self.tls_dial_args(peer.address),
         )
         conn.send(codec.encode(IdentifyMsg(self.myid)))
         self._attach(peer, conn)
@@ -363,6 +374,8 @@ class ProcessGroup:
             peer.conn = conn
             peer.state = PeerState.CONNECTED
             peer.cond.notify_all()
+        if conn.label == conn.peer:  # an accepted link: its address says little
+            conn.name_peer(_who(peer.pid))
         self._start_reader(peer, conn)
 
     # ------------------------------------------------------------------ listening (workers)
@@ -450,6 +463,26 @@ class ProcessGroup:
             for pid, _ in msg.members:
                 if pid < self.myid:
                     self.runner.submit(self._eager_connect, pid)
+        elif msg.topology == "custom":
+            for pid in msg.options.get("connect_to", ()):  # type: ignore[attr-defined]
+                self.runner.submit(self._eager_dial, pid)
+
+    def _eager_dial(self, pid: WorkerId) -> None:
+        try:
+            self.dial_peer(pid)
+        except Exception as exc:
+            _log(f"could not connect to worker {pid}: {exc}")
+
+    def _custom_links(self, config: WorkerConfig) -> list[WorkerId]:
+        """Topology "custom": the connected workers whose ``ident`` this one should dial."""
+        if self.topology != "custom" or not config.connect_idents:
+            return []
+        wanted = list(config.connect_idents)
+        return [
+            p.pid
+            for p in self.peers()
+            if p.state is PeerState.CONNECTED and p.config is not None and p.config.ident in wanted
+        ]
 
     def _eager_connect(self, pid: WorkerId) -> None:
         try:
@@ -507,6 +540,7 @@ class ProcessGroup:
                     self._hello(),
                     timeout=timeout,
                     peer=f"worker {pid} at {_fmt_addr(address)}",
+                    **self.tls_dial_args(address),
                 )
             with peer.cond:
                 peer.conn = conn
@@ -520,7 +554,13 @@ class ProcessGroup:
             self._start_reader(peer, conn)
             conn.send(
                 codec.encode(
-                    JoinMsg(pid, members, self.topology, self.lazy, dict(self.worker_options)),
+                    JoinMsg(
+                        pid,
+                        members,
+                        self.topology,
+                        self.lazy,
+                        {**self.worker_options, "connect_to": self._custom_links(config)},
+                    ),
                     response_id=cid,
                 )
             )
@@ -605,6 +645,8 @@ class ProcessGroup:
         conn = self.connection_to(pid)
         try:
             conn.send(parts)
+        except FrameTooLargeError:
+            raise  # over the peer's frame cap: nothing was sent, the link is fine
         except OSError as exc:
             peer = self._peers[pid]
             self._peer_lost(peer, conn, exc)
@@ -649,6 +691,12 @@ class ProcessGroup:
             return
         try:
             conn.send(parts)
+        except FrameTooLargeError as exc:  # nothing was sent: this call fails, the link lives
+            with self._pending_lock:
+                sink_ = self._pending.pop(cid, None)
+                peer.pending.discard(cid)
+            if sink_ is not None:
+                sink_.set(False, exc)
         except OSError as exc:
             self._peer_lost(peer, conn, exc)
             self._fail_pending(peer, cid)
@@ -708,10 +756,32 @@ class ProcessGroup:
             raise self._lost_error(peer)
         try:
             conn.send(parts)
+        except FrameTooLargeError:
+            self._drop_awaiting(peer, rrid)
+            raise  # nothing was sent: this call fails, the link lives
         except OSError as exc:
             self._drop_awaiting(peer, rrid)
             self._peer_lost(peer, conn, exc)
             raise self._lost_error(peer) from exc
+
+    def await_from(self, pid: WorkerId, rrid: RRID, target: Awaitable) -> None:
+        """*target* is completed by a DoneMsg for *rrid* from *pid* (or fails if *pid* dies)."""
+        peer = self._peers.get(pid)
+        if peer is None or peer.state is PeerState.TERMINATED:
+            err = (
+                self._lost_error(peer)
+                if peer is not None
+                else ProcessExitedException(f"worker {pid} is gone", pid=pid)
+            )
+            target._complete(False, err, True, -1)
+            return
+        with self._pending_lock:
+            self.awaiting[rrid] = target
+            peer.awaiting.add(rrid)
+        # (another thread may have lost the peer since the check above)
+        if peer.state is PeerState.TERMINATED:  # type: ignore[comparison-overlap]
+            self._drop_awaiting(peer, rrid)
+            target._complete(False, self._lost_error(peer), True, -1)
 
     def _drop_awaiting(self, peer: Peer, rrid: RRID) -> None:
         with self._pending_lock:
@@ -745,8 +815,13 @@ class ProcessGroup:
             err = _remote_error(self.myid, exc)
             parts = codec.encode(DoneMsg(msg.rrid, False, err, True), notify_id=msg.rrid.id)
         try:
-            self.send(to, parts)
-        except (ProcessExitedException, ClusterError, ValueError):
+            try:
+                self.send(to, parts)
+            except FrameTooLargeError as exc:  # a value over *to*'s frame cap: say so instead
+                why = self.value_too_large(exc, to)
+                done = DoneMsg(msg.rrid, False, why, True, msg.dropped)
+                self.send(to, codec.encode(done, notify_id=msg.rrid.id))
+        except (ProcessExitedException, ClusterError, ValueError, FrameTooLargeError):
             pass
 
     # ------------------------------------------------------------------ receiving
@@ -770,11 +845,11 @@ class ProcessGroup:
                     self._execute(peer, call, frame.response_id)
                     return
                 self._dispatch(peer, conn, frame)
+        except ProtocolError as exc:  # before OSError: a ProtocolError is a ConnectionError
+            error = exc
+            _log(f"closing the link to {_who(peer.pid)}: {exc}")
         except (EOFError, OSError) as exc:
             error = exc
-        except ProtocolError as exc:
-            error = exc
-            _log(f"closing the link to worker {peer.pid}: {exc}")
         except BaseException as exc:  # pragma: no cover - a bug in dispatch
             error = exc
             _log(f"reader for worker {peer.pid} crashed: {type(exc).__name__}: {exc}")
@@ -810,9 +885,9 @@ class ProcessGroup:
                 reply.set(True, msg)
             return
         if tag == CallMsg.TAG:
-            msg = self._decode_call(peer, frame)
-            if msg is not None:
-                self.runner.submit(self._execute, peer, msg, frame.response_id)
+            call = self._decode_call(peer, frame)
+            if call is not None:
+                self.runner.submit(self._execute, peer, call, frame.response_id)
             return
         if tag == DoneMsg.TAG:
             self._handle_done(peer, frame)
@@ -821,6 +896,8 @@ class ProcessGroup:
         if handler is not None:
             handler(peer, frame)
             return
+        if tag not in MSG_TYPES:  # a caller may be waiting for what this was: drop the link
+            raise ProtocolError(f"unknown message tag {tag} from {_who(peer.pid)}")
         try:
             msg = codec.decode(frame)
         except BaseException as exc:
@@ -842,23 +919,21 @@ class ProcessGroup:
             # The header cannot say which future; the body is unreadable. Find it by id.
             err = _decode_error(peer.pid, "a Future's value", exc)
             with self._pending_lock:
-                matches = [
-                    r for r in peer.awaiting if r.id == frame.notify_id and r.whence == self.myid
-                ]
+                matches = [r for r in peer.awaiting if r.id == frame.notify_id]
             for rrid in matches:
-                self._finish_awaiting(peer, rrid, False, err, True)
+                self._finish_awaiting(peer, rrid, False, err, True, -1)
             return
         assert isinstance(msg, DoneMsg)
-        self._finish_awaiting(peer, msg.rrid, msg.ok, msg.value, msg.inline)
+        self._finish_awaiting(peer, msg.rrid, msg.ok, msg.value, msg.inline, msg.dropped)
 
     def _finish_awaiting(
-        self, peer: Peer, rrid: RRID, ok: bool, value: object, inline: bool
+        self, peer: Peer, rrid: RRID, ok: bool, value: object, inline: bool, dropped: int = 0
     ) -> None:
         with self._pending_lock:
             target = self.awaiting.pop(rrid, None)
             peer.awaiting.discard(rrid)
         if target is not None:
-            target._complete(ok, value, inline)
+            target._complete(ok, value, inline, dropped)
 
     def _answer_undecodable_call(self, peer: Peer, frame: Frame, exc: BaseException) -> None:
         err = _decode_error(self.myid, "the call's function or arguments", exc, remote=True)
@@ -905,9 +980,20 @@ class ProcessGroup:
         if conn is None:
             return
         try:
-            conn.send(parts)
+            try:
+                conn.send(parts)
+            except FrameTooLargeError as exc:  # the value is over the caller's frame cap
+                err = self.value_too_large(exc, peer.pid)
+                conn.send(codec.encode(ResultMsg(False, err), response_id=response_id))
         except OSError:
             pass  # the reader sees the loss and cleans up
+
+    def value_too_large(self, exc: FrameTooLargeError, to: WorkerId) -> FrameTooLargeError:
+        """The error a caller gets for a value this process could not send it (over the
+        caller's frame cap); the link and this process live on."""
+        return FrameTooLargeError(
+            f"{_who(self.myid)} could not send this value to {_who(to)}: {exc}"
+        )
 
     # ------------------------------------------------------------------ losing peers
 
@@ -917,10 +1003,47 @@ class ProcessGroup:
                 f"worker {peer.pid} was removed from the group"
                 + (f" ({peer.exit_reason})" if peer.exit_reason not in ("", "removed") else "")
             )
-        detail = f": {peer.exit_reason}" if peer.exit_reason else ""
-        return ProcessExitedException(
-            f"worker {peer.pid} ({_fmt_addr(peer.address)}) exited or lost its connection{detail}",
+        from .errors import WorkerDiedError, WorkerUnresponsiveError
+
+        settling = _settling.get(peer)
+        if settling is not None:  # another thread is finding out why: wait for the words
+            settling.wait(2.0)
+        reason = peer.exit_reason
+        kind = reason.kind if isinstance(reason, ExitReason) else "exited"
+        what = _LOST_WORDS.get(kind, _LOST_WORDS["exited"])
+        where = _fmt_addr(peer.address)
+        if isinstance(peer.address, str) and peer.ospid:
+            where = f"os pid {peer.ospid}"  # an AF_UNIX path says nothing to the reader
+        cls = WorkerUnresponsiveError if kind == "unresponsive" else WorkerDiedError
+        return cls(
+            f"worker {peer.pid} ({where}) {what}" + (f": {reason}" if reason else ""),
             pid=peer.pid,
+            exitcode=reason.exitcode if isinstance(reason, ExitReason) else None,
+            stderr_tail=reason.stderr_tail if isinstance(reason, ExitReason) else "",
+            reason=str(reason),
+        )
+
+    def _explain_loss(self, peer: Peer, error: BaseException | None) -> None:
+        """Set ``peer.exit_reason``: the hook asks the process (exit code, stderr tail) and
+        keeps a cause set beforehand (``kill_worker``); the link's own error fills in."""
+        exit_hook = _exit_reason_hook
+        if exit_hook is not None:
+            try:
+                peer.exit_reason = exit_hook(peer)
+            except Exception as exc:  # pragma: no cover - a bug in the hook
+                _log(f"exit-reason hook failed: {exc}")
+        known = peer.exit_reason
+        kind = getattr(known, "kind", "")
+        if error is None or (known and isinstance(error, EOFError)):
+            return  # a plain close: what the process says is the news
+        if kind not in ("", "link", "exited"):
+            return  # killed by us (heartbeat, timeout, cancel): the cause says more
+        words = _describe_link_error(error)  # a reset, a timeout, a protocol error
+        peer.exit_reason = ExitReason(
+            f"{words}; then {known}" if known else words,
+            kind="exited" if kind == "exited" else "link",
+            exitcode=getattr(known, "exitcode", None),
+            stderr_tail=getattr(known, "stderr_tail", ""),
         )
 
     def _peer_lost(self, peer: Peer, conn: Connection | None, error: BaseException | None) -> None:
@@ -931,27 +1054,31 @@ class ProcessGroup:
             if peer.state is PeerState.TERMINATED:
                 return
             peer.state = PeerState.TERMINATED
+            settled = _settling[peer] = threading.Event()
             if conn is not None:
                 self._closed_bytes[0] += conn.bytes_sent
                 self._closed_bytes[1] += conn.bytes_received
             peer.cond.notify_all()
         if peer.conn is not None:
             peer.conn.close()
-        exit_hook = _exit_reason_hook
-        if exit_hook is not None and not peer.exit_reason:
-            peer.exit_reason = exit_hook(peer)
+        try:
+            if not peer.closing:
+                self._explain_loss(peer, error)
+        finally:
+            settled.set()
+            _settling.pop(peer, None)
+        reason = peer.exit_reason
+        call_errors = reason.call_errors if isinstance(reason, ExitReason) else {}
+        ref_errors = reason.ref_errors if isinstance(reason, ExitReason) else {}
         err = self._lost_error(peer)
         with self._pending_lock:
-            replies = [self._pending.pop(cid, None) for cid in peer.pending]
+            replies = [(cid, self._pending.pop(cid, None)) for cid in peer.pending]
             peer.pending.clear()
-            targets = [self.awaiting.pop(r, None) for r in peer.awaiting]
+            targets = [(r, self.awaiting.pop(r, None)) for r in peer.awaiting]
             peer.awaiting.clear()
-        for reply in replies:
-            if reply is not None:
-                reply.set(False, err)
-        for target in targets:
-            if target is not None:
-                target._complete(False, err, True)
+        # Pools, executors and heartbeats hear of the loss before any of its calls fails:
+        # code woken by a failure (a done callback, pmap's retry) must not see the dead
+        # worker still in a pool, nor an executor that does not know yet.
         with self._lock:
             self._removed.add(peer.pid)
         for hook in self.on_peer_lost:
@@ -959,6 +1086,13 @@ class ProcessGroup:
                 hook(peer.pid)
             except Exception as exc:  # pragma: no cover
                 _log(f"peer-lost hook failed: {exc}")
+        for cid, reply in replies:
+            if reply is not None:
+                reply.set(False, call_errors.get(cid, err))
+        for rrid, target in targets:
+            if target is not None:
+                # -1: the owner is gone, counts too
+                target._complete(False, ref_errors.get(rrid, err), True, -1)
         if self.role == "worker" and peer.pid == MASTER:
             self.exit_requested.set()
 
@@ -984,6 +1118,76 @@ class ProcessGroup:
             bytes_received=received,
         )
 
+    # ------------------------------------------------------------------ TLS; links made elsewhere
+
+    #: The cluster's ``TLSConfig`` while its links run TLS (see :meth:`set_tls`).
+    _tls: Any = None
+
+    def set_tls(self, config: Any) -> None:
+        """Run every link this process dials from now on over TLS per *config* (a
+        ``TLSConfig``), or plain when ``None``. A listener gets its TLS where it is made."""
+        self._tls = config
+
+    @property
+    def tls(self) -> Any:
+        """The cluster's ``TLSConfig``, or ``None`` when its links are plain."""
+        return self._tls
+
+    def tls_dial_args(self, address: Any) -> dict[str, Any]:
+        """Keyword arguments for ``connection.dial`` to *address*: the TLS context, the name."""
+        config = self._tls
+        if config is None:
+            return {}
+        host = address if isinstance(address, str) else str(address[0])
+        return {
+            "ssl_context": config.client_context(),
+            "server_hostname": config.server_hostname(host),
+        }
+
+    def serve_link(self, conn: Connection, *, join_only: bool = False) -> Peer:
+        """Take an authenticated link made outside the listener (a custom transport, an
+        elastic join) as if it had been accepted: its first message is pid 1's JoinMsg
+        (this process becomes that worker) or, unless *join_only*, a worker's IdentifyMsg.
+
+        Raises:
+            ProtocolError: the first message is neither, or does not decode.
+            ClusterError: a JoinMsg, but this process is already in a cluster.
+        """
+        try:
+            frame = conn.read()
+            msg = codec.decode(frame)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, (OSError, EOFError)):
+                raise ProtocolError(
+                    f"{conn.peer} closed the link before its first message"
+                ) from exc
+            raise ProtocolError(f"bad first message from {conn.peer}: {exc}") from exc
+        if isinstance(msg, JoinMsg):
+            if self.joined.is_set() or any(
+                p.state is not PeerState.TERMINATED for p in self.peers()
+            ):
+                conn.close()
+                raise ClusterError("this process is in a cluster already: it cannot join another")
+            self._join(conn, frame, msg)
+            return self._peers[MASTER]
+        if isinstance(msg, IdentifyMsg) and not join_only:
+            return self.attach_link(msg.from_pid, conn, identify=False)
+        conn.close()
+        raise ProtocolError(f"{conn.peer} opened with {type(msg).__name__}, not a join")
+
+    def attach_link(self, pid: WorkerId, conn: Connection, *, identify: bool = True) -> Peer:
+        """Use the authenticated *conn* as this process's link to worker *pid*; with
+        *identify*, first tell *pid* who we are (we made the link, as ``dial_peer`` does)."""
+        with self._lock:
+            peer = self._peers.get(pid)
+            if peer is None:
+                peer = self._peers[pid] = Peer(pid)
+        if identify:
+            conn.send(codec.encode(IdentifyMsg(self.myid)))
+        self._attach(peer, conn)
+        return peer
+
     def close_all(self) -> None:
         """Drop every link (process exit)."""
         for p in self.peers():
@@ -994,7 +1198,77 @@ class ProcessGroup:
             self._listener.close()
 
 
-#: Set by the local manager layer: explains a lost peer (exit code, signal, stderr tail).
+class ExitReason(str):
+    """Why a peer was lost, in words, with what is known besides (``Peer.exit_reason``).
+
+    A ``str``, so code that prints or compares ``exit_reason`` keeps working. ``kind`` is
+    ``"exited"`` (it died on its own), ``"link"`` (its link failed; the process may live),
+    ``"unresponsive"`` (heartbeats went unanswered, so it was killed), ``"timeout"`` or
+    ``"cancelled"`` (killed for a call that ran too long or was cancelled). ``exitcode`` is
+    the process's status when this process started it (negative: ``-signal``).
+    ``call_errors`` / ``ref_errors`` name the calls (by call id / by Future RRID) that get
+    another error than the peer's loss: the call that timed out gets ``TaskTimeoutError``.
+    """
+
+    kind: str
+    exitcode: int | None
+    stderr_tail: str
+    call_errors: Mapping[int, BaseException]
+    ref_errors: Mapping[RRID, BaseException]
+
+    def __new__(
+        cls,
+        text: str,
+        *,
+        kind: str = "exited",
+        exitcode: int | None = None,
+        stderr_tail: str = "",
+        call_errors: Mapping[int, BaseException] | None = None,
+        ref_errors: Mapping[RRID, BaseException] | None = None,
+    ) -> ExitReason:
+        self = super().__new__(cls, text)
+        self.kind = kind
+        self.exitcode = exitcode
+        self.stderr_tail = stderr_tail
+        self.call_errors = call_errors or {}
+        self.ref_errors = ref_errors or {}
+        return self
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (str, (str(self),))  # only the words travel
+
+
+#: Peers whose loss is being explained right now (the hook may wait on the process).
+_settling: dict[Peer, threading.Event] = {}
+
+#: How a lost worker is described, by ``ExitReason.kind``.
+_LOST_WORDS = {
+    "exited": "exited or lost its connection",
+    "link": "lost its connection",
+    "unresponsive": "stopped responding and was killed",
+    "timeout": "was killed",
+    "cancelled": "was killed",
+}
+
+
+def _describe_link_error(error: BaseException) -> str:
+    """The words for why a link failed, from the error its reader or writer got."""
+    import errno
+
+    if isinstance(error, ProtocolError):
+        return f"this process dropped the link: {type(error).__name__}: {error}"
+    if isinstance(error, EOFError):
+        return "its connection was closed"
+    if isinstance(error, ConnectionResetError):
+        return "connection reset by peer"
+    if isinstance(error, OSError) and error.errno == errno.ETIMEDOUT:
+        return "the link timed out (nothing acknowledged within the link timeout)"
+    return f"{type(error).__name__}: {error}"
+
+
+#: Set by the runtime (``_api``): explains a lost peer (exit code, signal, stderr tail). It
+#: sees ``peer.exit_reason`` as set before the loss (an ``ExitReason`` from whoever killed
+#: it, or empty) and returns the reason to keep: an ``ExitReason`` or plain words.
 _exit_reason_hook: Callable[[Peer], str] | None = None
 
 
@@ -1049,6 +1323,10 @@ def _decode_error(
     return err
 
 
+def _who(pid: WorkerId) -> str:
+    return "the master (pid 1)" if pid == MASTER else f"worker {pid}"
+
+
 def _log(message: str) -> None:
     try:
         print(f"distexec: {message}", file=sys.stderr, flush=True)
@@ -1087,7 +1365,7 @@ def _sys_noop() -> None:
 
 
 for _f in (_sys_relay_connect, _sys_dial, _sys_noop):
-    _f.distexec_system = True  # type: ignore[attr-defined]
+    setattr(_f, "distexec_system", True)  # noqa: B010 - a mark on several function types
 
 
 __all__ = ["Message", "PeerState", "ProcessGroup", "Reply"]

@@ -28,3 +28,20 @@ def worker_timeout() -> float:
         raise ValueError(
             f"DISTEXEC_WORKER_TIMEOUT must be a number of seconds, not {value!r}"
         ) from None
+
+
+#: The values ``DISTEXEC_INTEGRITY`` may take (see :mod:`distexec._transport.integrity`).
+INTEGRITY_MODES = ("auto", "frame", "handshake")
+
+
+def integrity_mode() -> str:
+    """This process's wish for per-frame integrity (``DISTEXEC_INTEGRITY``, default ``auto``):
+    ``frame`` (a MAC on every frame), ``handshake`` (only the handshake is authenticated;
+    honoured on loopback, AF_UNIX and TLS links, and on others only if the peer says so too)
+    or ``auto`` (frame MACs on plain TCP to another host). Read at each connection."""
+    value = os.environ.get("DISTEXEC_INTEGRITY", "auto").strip().lower() or "auto"
+    if value not in INTEGRITY_MODES:
+        raise ValueError(
+            f"DISTEXEC_INTEGRITY must be one of {', '.join(INTEGRITY_MODES)}, not {value!r}"
+        )
+    return value

@@ -7,8 +7,8 @@ DistexecError(Exception)
 ├── RemoteException              user code raised on worker .pid; .captured holds it (Julia name)
 ├── ProcessExitedException       the worker died or its connection was lost (Julia name)
 │   └── WorkerLostError          + concurrent.futures.process.BrokenProcessPool: executor-facing
-│       ├── WorkerDiedError      the process is gone: .exitcode / .signal / .stderr_tail
-│       └── WorkerUnresponsiveError  alive but silent past the heartbeat deadline
+│       └── WorkerDiedError      the process is gone: .exitcode / .signal / .stderr_tail / .reason
+│           └── WorkerUnresponsiveError  it stopped answering heartbeats, so it was killed
 ├── ClusterClosedError           *you* closed it: rmprocs(), shutdown(), close()
 ├── ChannelClosedError           put/take on a closed (Remote)Channel (Julia InvalidStateException)
 ├── LaunchError                  a manager could not start a worker; carries the stderr tail
@@ -17,9 +17,9 @@ DistexecError(Exception)
 │   ├── AuthenticationError      the peer does not know the cluster cookie
 │   ├── VersionMismatchError     the peer runs another distexec / Python / cloudpickle
 │   └── FrameTooLargeError       a length prefix over the frame cap
-├── SerializationError           + pickle.PicklingError: an argument or result would not pickle
+├── SerializationError           + pickle.PicklingError, TypeError: would not pickle
 ├── DeserializationError         + pickle.UnpicklingError: a value would not unpickle here
-├── TaskTimeoutError             + TimeoutError: a call ran longer than its task_timeout
+├── TaskTimeoutError             + TimeoutError: a call ran past its task_timeout; .pid, .timeout
 └── ClusterError                 + RuntimeError: a misuse Julia reports with ErrorException
 ```
 
@@ -207,7 +207,13 @@ class WorkerLostError(ProcessExitedException, BrokenProcessPool):
 
 
 class WorkerDiedError(WorkerLostError):
-    """The worker process is gone: ``exitcode`` (negative: ``-signal``) and ``stderr_tail``."""
+    """The worker process is gone, or its link is.
+
+    ``exitcode`` is the process's exit status when this process started it (negative:
+    ``-signal``, as ``subprocess`` says it), else ``None``; ``stderr_tail`` holds the last
+    lines it wrote to stderr (a crash's faulthandler report among them); ``reason`` says what
+    is known in words ("killed by SIGSEGV", "connection reset by peer", ...).
+    """
 
     def __init__(
         self,
@@ -216,10 +222,12 @@ class WorkerDiedError(WorkerLostError):
         pid: int = -1,
         exitcode: int | None = None,
         stderr_tail: str = "",
+        reason: str = "",
     ) -> None:
         super().__init__(message, pid=pid)
         self.exitcode = exitcode
         self.stderr_tail = stderr_tail
+        self.reason = reason
 
     @property
     def signal(self) -> int | None:
@@ -227,8 +235,9 @@ class WorkerDiedError(WorkerLostError):
         return -self.exitcode if self.exitcode is not None and self.exitcode < 0 else None
 
 
-class WorkerUnresponsiveError(WorkerLostError):
-    """The worker stopped answering heartbeats; it was killed and its calls failed."""
+class WorkerUnresponsiveError(WorkerDiedError):
+    """The worker stopped answering heartbeats (stopped, hung, or holding the GIL in a long C
+    call); it was killed and the calls it held failed. See ``distexec._heartbeat``."""
 
 
 class ClusterClosedError(DistexecError):
@@ -274,7 +283,7 @@ class FrameTooLargeError(ProtocolError):
     """A frame announced more bytes than the configured cap."""
 
 
-class SerializationError(DistexecError, pickle.PicklingError):
+class SerializationError(DistexecError, pickle.PicklingError, TypeError):
     """An argument or a result could not be pickled; nothing was sent."""
 
 
@@ -294,7 +303,16 @@ class DeserializationError(DistexecError, pickle.UnpicklingError):
 
 
 class TaskTimeoutError(DistexecError, TimeoutError):
-    """A call ran longer than its ``task_timeout``; its worker was replaced."""
+    """A call ran longer than its ``task_timeout`` (``timeout`` seconds) on worker ``pid``,
+    which was killed for it (a thread cannot be stopped safely; a process can)."""
+
+    def __init__(self, message: str = "", *, pid: int = -1, timeout: float | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class ClusterError(DistexecError, RuntimeError):

@@ -1,18 +1,23 @@
 """An authenticated message connection: socket, reader, send lock.
 
-Layer: L1 transport. Imports: stdlib, distexec.errors, framing, handshake.
+Layer: L1 transport. Imports: stdlib, distexec.errors, framing, handshake, integrity.
 """
 
 from __future__ import annotations
 
+import hmac
 import socket
 import threading
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _config
-from . import framing, handshake
+from . import framing, handshake, integrity
 from .framing import Frame, FrameReader
+
+if TYPE_CHECKING:
+    import ssl  # imported by TLS users; a plain link never needs it
 
 
 class Connection:
@@ -20,44 +25,115 @@ class Connection:
 
     Senders pickle outside any lock and then write whole messages under ``_send_lock``, so
     messages never interleave. Exactly one thread (the connection's reader) calls :meth:`read`.
+
+    ``integrity`` says whether the link negotiated per-frame MACs (see :mod:`integrity`):
+    then each message gets its sequence number and MAC under the send lock, and the reader
+    checks both before a message is handed on. ``peer_max_frame`` is the peer's frame cap
+    (from its hello): :meth:`send` refuses a message over it with ``FrameTooLargeError``
+    before writing a byte, so the link lives on.
     """
 
     __slots__ = (
         "_closed",
+        "_first_cap",
         "_reader",
+        "_send_key",
         "_send_lock",
+        "_send_mac",
+        "_send_seq",
         "bytes_received",
         "bytes_sent",
+        "integrity",
+        "label",
         "peer",
         "peer_info",
+        "peer_max_frame",
         "session_key",
         "sock",
     )
 
     def __init__(
-        self, sock: socket.socket, reader: FrameReader, hello: handshake.PeerHello
+        self,
+        sock: socket.socket,
+        reader: FrameReader,
+        hello: handshake.PeerHello,
+        *,
+        mac_keys: tuple[bytes, bytes] | None = None,
+        label: str = "",
     ) -> None:
         self.sock = sock
         self._reader = reader
-        self._send_lock = threading.Lock()  # guards: writes to sock, bytes_sent
+        self._send_lock = threading.Lock()  # guards: writes to sock, bytes_sent, _send_seq/_mac
         self._closed = False
         self.peer_info: dict[str, Any] = hello.info
         self.session_key = hello.session_key
         self.peer = _peer_name(sock)
+        self.label = label or self.peer  # who the peer is, in error messages
         self.bytes_sent = 0
         self.bytes_received = 0
+        cap = hello.info.get("max_frame")
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
+            cap = _config.MAX_FRAME_BYTES  # a peer that does not say: assume ours
+        self.peer_max_frame: int = cap
+        # A one-part message (no buffers) whose first part is at most this is under the cap.
+        self._first_cap = cap + framing.HEADER_SIZE
+        self._send_seq = 1
+        self._send_key = b""
+        self._send_mac: hmac.HMAC | None = None
+        self.integrity = mac_keys is not None
+        if mac_keys is not None:
+            send_key, recv_key = mac_keys
+            self._send_key = send_key
+            self._send_mac = integrity.keyed(send_key, self._send_seq)
+            reader.expect_mac(recv_key, self.label)
 
     def send(self, parts: Sequence[bytes | memoryview]) -> None:
-        """Write one packed message (see :func:`framing.pack`); ``OSError`` if the link is gone."""
+        """Write one packed message (see :func:`framing.pack`); ``OSError`` if the link is gone.
+
+        Raises:
+            FrameTooLargeError: the body or a buffer is over the peer's frame cap; nothing
+                was written and the link is fine.
+        """
+        if len(parts) > 1 or len(parts[0]) > self._first_cap:
+            framing.check_sizes(parts, self.peer_max_frame, self.label)
+        if self._send_mac is not None:
+            self._send_sealed(parts)
+            return
         with self._send_lock:
             framing.send_parts(self.sock, parts)
             self.bytes_sent += sum(memoryview(p).nbytes for p in parts)
 
+    def _send_sealed(self, parts: Sequence[bytes | memoryview]) -> None:
+        with self._send_lock:  # the sequence number is the order of writing: take it here
+            seq = self._send_seq
+            mac = self._send_mac
+            assert mac is not None
+            size = sum(memoryview(p).nbytes for p in parts)
+            framing.send_sealed(self.sock, parts, seq, mac, size)
+            seq += 1
+            self._send_seq = seq
+            if not seq & integrity.SEQ_MASK:  # a new 2**32 epoch: a new key
+                self._send_mac = integrity.keyed(self._send_key, seq)
+            self.bytes_sent += size + integrity.MAC_SIZE
+
+    def name_peer(self, label: str) -> None:
+        """Call the peer *label* in error messages from now on (once it is known who it is)."""
+        self.label = label
+        self._reader.name_peer(label)
+
     def read(self) -> Frame:
-        """Read the next message; only the connection's reader thread calls this."""
+        """Read the next message; only the connection's reader thread calls this.
+
+        Raises ``ProtocolError`` for a message that breaks the protocol (on an integrity
+        link also: a bad or missing MAC, a replayed or lost message), before it is unpickled.
+        """
         frame = self._reader.read()
         self.bytes_received += (
-            framing.HEADER_SIZE + frame.body.nbytes + sum(b.nbytes for b in frame.buffers)
+            framing.HEADER_SIZE
+            + 8 * len(frame.buffers)
+            + frame.body.nbytes
+            + sum(b.nbytes for b in frame.buffers)
+            + (integrity.MAC_SIZE if frame.flags & framing.FLAG_MAC else 0)
         )
         return frame
 
@@ -77,7 +153,8 @@ class Connection:
         return self._closed
 
     def __repr__(self) -> str:
-        return f"<Connection peer={self.peer} {'closed' if self._closed else 'open'}>"
+        mac = " mac" if self.integrity else ""
+        return f"<Connection peer={self.peer}{mac} {'closed' if self._closed else 'open'}>"
 
 
 def _peer_name(sock: socket.socket) -> str:
@@ -90,6 +167,68 @@ def _peer_name(sock: socket.socket) -> str:
     return str(addr) or "unix"
 
 
+def authenticate(
+    sock: Any,
+    cookie: bytes,
+    info: dict[str, Any],
+    *,
+    initiator: bool,
+    timeout: float,
+    peer: str,
+    ssl_context: ssl.SSLContext | None = None,
+    tls_server_side: bool = False,
+    server_hostname: str | None = None,
+) -> Connection:
+    """Run the handshake on a connected *sock* (TLS first if *ssl_context* is given).
+
+    *sock* is a socket or anything with its ``recv_into``/``sendall``/``sendmsg``/
+    ``settimeout``/``shutdown``/``close`` (see :mod:`distexec._transport.streams`). The
+    protocol role (*initiator*) and the TLS role (*tls_server_side*) are independent: an
+    elastic worker dials pid 1 (TLS client) and then answers its challenge (responder).
+    Closes *sock* on any failure. TLS failures raise ``AuthenticationError`` naming the cause.
+
+    Each side adds to its hello *info* its integrity mode and wish and its frame cap
+    (``integrity``, ``mac``, ``max_frame``); the link carries frame MACs if either side
+    wishes (see :mod:`integrity`).
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        mode = _config.integrity_mode()
+        wish = integrity.wants_mac(
+            mode, link=integrity.link_kind(sock), tls=ssl_context is not None
+        )
+        info = {**info, **integrity.hello_fields(mode, wish, _config.MAX_FRAME_BYTES)}
+        framing.tune(sock)
+        if ssl_context is not None:
+            from .tls import TLSStream
+
+            sock.settimeout(timeout)
+            sock = TLSStream(
+                sock,
+                ssl_context,
+                server_side=tls_server_side,
+                server_hostname=None if tls_server_side else server_hostname,
+                label=peer,
+            )
+            try:
+                sock.do_handshake()
+            except TimeoutError as exc:
+                raise TimeoutError(
+                    f"TLS handshake with {peer} did not finish within {timeout:g} s"
+                ) from exc
+        reader = FrameReader(sock)
+        run = handshake.initiate if initiator else handshake.respond
+        remaining = max(deadline - time.monotonic(), 0.001)
+        hello = run(sock, reader, cookie, info, timeout=remaining, peer=peer)
+        keys = None
+        if integrity.agreed(wish, hello.info):
+            keys = integrity.direction_keys(hello.session_key, initiator=initiator)
+        return Connection(sock, reader, hello, mac_keys=keys, label=peer)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def dial(
     address: tuple[str, int] | str,
     cookie: bytes,
@@ -97,8 +236,14 @@ def dial(
     *,
     timeout: float,
     peer: str,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> Connection:
-    """Connect to *address* (``(host, port)`` or an AF_UNIX path) and authenticate as initiator."""
+    """Connect to *address* (``(host, port)`` or an AF_UNIX path) and authenticate as initiator.
+
+    With *ssl_context* (a client context) the link runs TLS, checking *server_hostname*
+    (default: the host dialled) when the context checks names.
+    """
     if isinstance(address, str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -109,32 +254,44 @@ def dial(
             raise
     else:
         sock = socket.create_connection(address, timeout=timeout)
-    try:
-        framing.tune(sock)
-        reader = FrameReader(sock)
-        hello = handshake.initiate(sock, reader, cookie, info, timeout=timeout, peer=peer)
-    except BaseException:
-        sock.close()
-        raise
-    return Connection(sock, reader, hello)
+    if ssl_context is not None and server_hostname is None and ssl_context.check_hostname:
+        server_hostname = address if isinstance(address, str) else address[0]
+    return authenticate(
+        sock,
+        cookie,
+        info,
+        initiator=True,
+        timeout=timeout,
+        peer=peer,
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
+    )
 
 
 def accept(
-    sock: socket.socket, cookie: bytes, info: dict[str, Any], *, timeout: float | None = None
+    sock: Any,
+    cookie: bytes,
+    info: dict[str, Any],
+    *,
+    timeout: float | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Connection:
-    """Authenticate an accepted socket as responder. Closes it on any failure."""
+    """Authenticate an accepted socket as responder (TLS server first with *ssl_context*).
+
+    Closes it on any failure.
+    """
     try:
-        framing.tune(sock)
-        reader = FrameReader(sock)
-        hello = handshake.respond(
-            sock,
-            reader,
-            cookie,
-            info,
-            timeout=_config.HANDSHAKE_TIMEOUT if timeout is None else timeout,
-            peer=_peer_name(sock),
-        )
+        peer = _peer_name(sock)
     except BaseException:
         sock.close()
         raise
-    return Connection(sock, reader, hello)
+    return authenticate(
+        sock,
+        cookie,
+        info,
+        initiator=False,
+        timeout=_config.HANDSHAKE_TIMEOUT if timeout is None else timeout,
+        peer=peer,
+        ssl_context=ssl_context,
+        tls_server_side=True,
+    )

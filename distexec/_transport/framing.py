@@ -1,6 +1,6 @@
 """Length-prefixed messages over a blocking stream socket.
 
-Layer: L1 transport. Imports: stdlib, distexec.errors, distexec._config.
+Layer: L1 transport. Imports: stdlib, distexec.errors, distexec._config, integrity.
 
 A message on the wire::
 
@@ -8,14 +8,20 @@ A message on the wire::
     lengths  8 bytes x nbufs     the length of each out-of-band buffer
     body     body_len bytes      the pickled message (opaque here)
     buffers  nbufs frames        pickle protocol 5 out-of-band buffers, never copied into the body
-    [mac]    32 bytes            only when flags & FLAG_MAC (reserved for per-frame integrity)
+    [mac]    32 bytes            only when flags & FLAG_MAC
 
-``seq`` and the MAC flag are reserved so that per-frame integrity can arrive without a new
-wire. Every announced length is checked against the cap before a byte is allocated.
+On a link that negotiated per-frame integrity (see :mod:`integrity`) every message has
+``FLAG_MAC``, ``seq`` counts that direction's messages from 1, and the MAC is
+``HMAC-SHA256(direction key, header ‖ lengths ‖ body ‖ buffers)``. :func:`pack` leaves
+``seq`` 0 and the flag clear; :func:`seal` stamps both in (under the connection's send lock,
+where the order of messages is decided) and appends the MAC. Every announced length is
+checked against the cap before a byte is allocated, and a MAC is checked before the
+message is handed on, so nothing is unpickled from a frame that failed it.
 """
 
 from __future__ import annotations
 
+import hmac
 import mmap
 import socket
 import struct
@@ -25,11 +31,21 @@ from typing import Protocol
 
 from .. import _config
 from ..errors import FrameTooLargeError, ProtocolError
+from .integrity import MAC_SIZE, SEQ_MASK, keyed
 
 HEADER = struct.Struct("!BBHIQQQ")
 HEADER_SIZE = HEADER.size  # 32
 FLAG_MAC = 0x01
 _LEN = struct.Struct("!Q")
+_FLAGS_AT = 1
+_SEQ = struct.Struct("!I")
+_SEQ_AT = 4
+#: A sealed message whose first part is at most this big is sent as one joined ``bytes``.
+_JOIN_MAX = 64 * 1024
+#: Sealed messages bigger than this are hashed piece by piece as they are written (and read),
+#: so that the receiver's check runs while the sender's goes on, and each piece is hashed
+#: while it is still in the cache.
+_MAC_STEP = 256 * 1024
 
 #: Buffers at least this big are received into huge-page-backed anonymous memory.
 _MMAP_THRESHOLD = 1 << 20
@@ -104,14 +120,108 @@ def send_parts(sock: FrameSocket, parts: Sequence[bytes | memoryview]) -> None:
             views.pop(0)
 
 
+def seal(parts: Sequence[bytes | memoryview], seq: int, mac: hmac.HMAC) -> list[bytes | memoryview]:
+    """A packed message (from :func:`pack`) with *seq* (its low 32 bits) and ``FLAG_MAC`` in
+    its header and its MAC appended. *mac* is the direction's keyed HMAC, copied here.
+
+    Nothing of the body or the buffers is copied, except that a small first part is joined
+    with the new header and the MAC into one ``bytes`` (one ``sendall``).
+    """
+    first = memoryview(parts[0]).cast("B")
+    head = _sealed_header(first, seq)
+    rest = first[HEADER_SIZE:]
+    h = mac.copy()
+    h.update(head)
+    h.update(rest)
+    for buf in parts[1:]:
+        h.update(buf)
+    digest = h.digest()
+    if len(parts) == 1 and rest.nbytes <= _JOIN_MAX:
+        return [b"".join((head, rest, digest))]
+    return [bytes(head), rest, *parts[1:], digest]
+
+
+def _sealed_header(first: memoryview, seq: int) -> bytearray:
+    head = bytearray(first[:HEADER_SIZE])
+    head[_FLAGS_AT] |= FLAG_MAC
+    _SEQ.pack_into(head, _SEQ_AT, seq & SEQ_MASK)
+    return head
+
+
+def send_sealed(
+    sock: FrameSocket, parts: Sequence[bytes | memoryview], seq: int, mac: hmac.HMAC, size: int
+) -> None:
+    """:func:`seal` *parts* (*size* bytes) and write them. A large message is hashed and
+    written in steps, the MAC last, so the peer hashes what arrived while this side hashes
+    the rest; nothing is copied."""
+    if size <= _MAC_STEP:
+        send_parts(sock, seal(parts, seq, mac))
+        return
+    first = memoryview(parts[0]).cast("B")
+    head = _sealed_header(first, seq)
+    h = mac.copy()
+    h.update(head)
+    batch: list[bytes | memoryview] = [bytes(head)]
+    pending = HEADER_SIZE
+    for part in (first[HEADER_SIZE:], *parts[1:]):
+        view = memoryview(part).cast("B")
+        for at in range(0, view.nbytes, _MAC_STEP):
+            piece = view[at : at + _MAC_STEP]
+            h.update(piece)
+            batch.append(piece)
+            pending += piece.nbytes
+            if pending >= _MAC_STEP:
+                send_parts(sock, batch)
+                batch, pending = [], 0
+    batch.append(h.digest())
+    send_parts(sock, batch)
+
+
+def check_sizes(parts: Sequence[bytes | memoryview], cap: int, peer: str) -> None:
+    """Raise ``FrameTooLargeError`` if the packed message *parts* has a body or a buffer over
+    *cap* (the receiver's), or more buffers than it takes. The sender's check: nothing has
+    been written, so the link lives on and only this message's caller hears of it."""
+    nbufs = len(parts) - 1
+    if nbufs > _config.MAX_BUFFERS:
+        raise FrameTooLargeError(
+            f"a message of {nbufs} out-of-band buffers exceeds the peer's cap of "
+            f"{_config.MAX_BUFFERS} ({peer}); nothing was sent"
+        )
+    body = memoryview(parts[0]).nbytes - HEADER_SIZE - 8 * nbufs
+    if body > cap:
+        raise FrameTooLargeError(
+            f"a message of {body} pickled bytes exceeds the peer's frame cap of {cap} bytes "
+            f"({peer}; its DISTEXEC_MAX_FRAME_BYTES); nothing was sent"
+        )
+    for buf in parts[1:]:
+        n = memoryview(buf).nbytes
+        if n > cap:
+            raise FrameTooLargeError(
+                f"an out-of-band buffer of {n} bytes exceeds the peer's frame cap of {cap} "
+                f"bytes ({peer}; its DISTEXEC_MAX_FRAME_BYTES); nothing was sent"
+            )
+
+
 class FrameReader:
     """Reads whole messages from one socket through a reusable staging buffer.
 
     Small messages cost one ``recv_into``; large bodies and buffers are received straight
-    into their final memory.
+    into their final memory. After :meth:`expect_mac` every message must carry a valid MAC
+    and the next sequence number, or :meth:`read` raises ``ProtocolError``.
     """
 
-    __slots__ = ("_buf", "_end", "_max", "_sock", "_start", "_view")
+    __slots__ = (
+        "_buf",
+        "_end",
+        "_mac",
+        "_mac_key",
+        "_max",
+        "_peer",
+        "_seq",
+        "_sock",
+        "_start",
+        "_view",
+    )
 
     def __init__(self, sock: FrameSocket, max_frame: int | None = None) -> None:
         self._sock = sock
@@ -120,6 +230,24 @@ class FrameReader:
         self._start = 0
         self._end = 0
         self._max = _config.MAX_FRAME_BYTES if max_frame is None else max_frame
+        self._mac: hmac.HMAC | None = None  # set: the link negotiated per-frame integrity
+        self._mac_key = b""
+        self._seq = 1  # the (64-bit) number of the next message expected
+        self._peer = "peer"
+
+    def expect_mac(self, key: bytes, peer: str) -> None:
+        """From the next message on, check each one's MAC under *key* and its ``seq``."""
+        self._mac_key = key
+        self._mac = keyed(key, self._seq)
+        self._peer = peer
+
+    @property
+    def checks_mac(self) -> bool:
+        return self._mac is not None
+
+    def name_peer(self, label: str) -> None:
+        """Call the peer *label* in error messages from now on."""
+        self._peer = label
 
     def _fill(self, n: int) -> None:
         """Make at least *n* (≤ staging size) bytes available at ``_start``."""
@@ -159,8 +287,51 @@ class FrameReader:
         self._read_into(dest)
         return dest
 
+    def _take_hashed(self, n: int, h: hmac.HMAC) -> memoryview:
+        """:meth:`_take`, feeding *h* as the bytes arrive (a large piece in steps, each while
+        it is still in the cache)."""
+        if n <= len(self._buf):
+            out = self._take(n)
+            h.update(out)
+            return out
+        dest = alloc(n)
+        have = min(n, self._end - self._start)
+        if have:
+            dest[:have] = self._view[self._start : self._start + have]
+            self._start += have
+        hashed = 0
+        while have < n:
+            got = self._sock.recv_into(dest[have:])
+            if not got:
+                raise EOFError("connection closed by peer in the middle of a message")
+            have += got
+            if have - hashed >= _MAC_STEP:
+                h.update(dest[hashed:have])
+                hashed = have
+        h.update(dest[hashed:])
+        return dest
+
+    def _check_header(self, nbufs: int, body_len: int) -> None:
+        if nbufs > _config.MAX_BUFFERS:
+            raise ProtocolError(f"message announces {nbufs} buffers (cap {_config.MAX_BUFFERS})")
+        if body_len > self._max:
+            raise FrameTooLargeError(
+                f"message body of {body_len} bytes exceeds the cap of {self._max}"
+            )
+
+    def _lengths(self, nbufs: int) -> tuple[int, ...]:
+        self._fill(8 * nbufs)
+        lens: tuple[int, ...] = struct.unpack_from(f"!{nbufs}Q", self._buf, self._start)
+        for n in lens:
+            if n > self._max:
+                raise FrameTooLargeError(f"buffer of {n} bytes exceeds the cap of {self._max}")
+        return lens
+
     def read(self) -> Frame:
-        """Read one message. Raises ``EOFError`` on a clean close, ``ProtocolError`` on garbage."""
+        """Read one message. Raises ``EOFError`` on a clean close, ``ProtocolError`` on garbage
+        (and, on an integrity link, on a bad MAC, a missing one, or a replayed or lost frame)."""
+        if self._mac is not None:
+            return self._read_sealed(self._mac)
         self._fill(HEADER_SIZE)
         tag, flags, nbufs, seq, body_len, rid, nid = HEADER.unpack_from(self._buf, self._start)
         self._start += HEADER_SIZE
@@ -170,18 +341,70 @@ class FrameReader:
             raise FrameTooLargeError(
                 f"message body of {body_len} bytes exceeds the cap of {self._max}"
             )
+        if flags & FLAG_MAC:
+            raise ProtocolError(
+                "a message carries a MAC, but this link did not negotiate per-frame integrity"
+            )
         lens: tuple[int, ...] = ()
         if nbufs:
-            self._fill(8 * nbufs)
-            lens = struct.unpack_from(f"!{nbufs}Q", self._buf, self._start)
+            lens = self._lengths(nbufs)
             self._start += 8 * nbufs
-            for n in lens:
-                if n > self._max:
-                    raise FrameTooLargeError(f"buffer of {n} bytes exceeds the cap of {self._max}")
         body = self._take(body_len)
         buffers = [self._take(n) for n in lens]
-        if flags & FLAG_MAC:
-            self._take(32)  # integrity is not negotiated yet; see the module docstring
+        return Frame(tag, flags, seq, rid, nid, body, buffers)
+
+    def _read_sealed(self, mac: hmac.HMAC) -> Frame:
+        """:meth:`read` on an integrity link: everything read goes through the MAC, which is
+        checked (``compare_digest``) before the message leaves here; then its ``seq``."""
+        expected = self._seq
+        self._fill(HEADER_SIZE)
+        start = self._start
+        tag, flags, nbufs, seq, body_len, rid, nid = HEADER.unpack_from(self._buf, start)
+        if not flags & FLAG_MAC:
+            raise ProtocolError(
+                f"frame {expected} from {self._peer} carries no MAC on a link that negotiated "
+                "per-frame integrity"
+            )
+        self._check_header(nbufs, body_len)
+        h = mac.copy()
+        end = HEADER_SIZE + body_len
+        if not nbufs and end + MAC_SIZE <= _MAC_STEP:
+            # The common small message: hashed in one piece in the staging buffer.
+            self._fill(end + MAC_SIZE)
+            start = self._start
+            view = self._view
+            h.update(view[start : start + end])
+            body = memoryview(bytes(view[start + HEADER_SIZE : start + end]))
+            buffers: list[memoryview] = []
+            ok = hmac.compare_digest(h.digest(), view[start + end : start + end + MAC_SIZE])
+            self._start = start + end + MAC_SIZE
+        else:
+            h.update(self._view[start : start + HEADER_SIZE])
+            self._start += HEADER_SIZE
+            lens: tuple[int, ...] = ()
+            if nbufs:
+                lens = self._lengths(nbufs)
+                h.update(self._view[self._start : self._start + 8 * nbufs])
+                self._start += 8 * nbufs
+            body = self._take_hashed(body_len, h)
+            buffers = [self._take_hashed(n, h) for n in lens]
+            self._fill(MAC_SIZE)
+            theirs = self._view[self._start : self._start + MAC_SIZE]
+            ok = hmac.compare_digest(h.digest(), theirs)
+            self._start += MAC_SIZE
+        if not ok:
+            raise ProtocolError(
+                f"frame {expected} from {self._peer} failed its integrity check (its MAC does "
+                "not match: corrupted, forged, or sent on another link)"
+            )
+        if seq != expected & SEQ_MASK:
+            raise ProtocolError(
+                f"frame {expected} from {self._peer} is numbered {seq}: a replayed, lost or "
+                "reordered frame"
+            )
+        self._seq = expected + 1
+        if not self._seq & SEQ_MASK:  # a new 2**32 epoch: a new key
+            self._mac = keyed(self._mac_key, self._seq)
         return Frame(tag, flags, seq, rid, nid, body, buffers)
 
     def read_exact(self, n: int) -> bytes:
@@ -194,8 +417,40 @@ class FrameReader:
         return out
 
 
-def tune(sock: socket.socket) -> None:
-    """Socket options for request/response traffic: no Nagle delay, keepalive on."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+def tune(sock: socket.socket, link_timeout: float | None = None) -> None:
+    """Socket options for request/response traffic: no Nagle delay, and a silently dead link
+    noticed by the kernel within about *link_timeout* seconds.
+
+    Keepalive probes find a dead peer on an idle link (``TCP_KEEPIDLE`` + ``TCP_KEEPCNT`` x
+    ``TCP_KEEPINTVL``); ``TCP_USER_TIMEOUT`` ends a link whose data goes unacknowledged that
+    long (it also ends one whose receiver has stopped reading: a zero window counts). Either
+    way the reader or writer gets ``ETIMEDOUT`` and the peer is lost. A stopped or GIL-bound
+    process does not trigger them (its kernel still acknowledges); heartbeats cover that.
+
+    *link_timeout* defaults to ``DISTEXEC_LINK_TIMEOUT`` (seconds, 30); ``0`` keeps the
+    kernel's defaults (keepalive after 2 hours). AF_UNIX sockets need none of this.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if link_timeout is None:
+        import os
+
+        try:
+            link_timeout = float(os.environ.get("DISTEXEC_LINK_TIMEOUT", "30"))
+        except ValueError:
+            link_timeout = 30.0
+    if link_timeout <= 0 or not hasattr(socket, "TCP_KEEPIDLE"):
+        return
+    idle = max(1, round(link_timeout / 3))
+    count = max(1, min(3, int(link_timeout - idle)))
+    interval = max(1, round((link_timeout - idle) / count))
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(link_timeout * 1000))
+    except OSError:  # pragma: no cover - a platform without these options
+        pass

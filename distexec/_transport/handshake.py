@@ -1,6 +1,6 @@
 """Authenticate a fresh connection on the cluster cookie, then agree on versions.
 
-Layer: L1 transport. Imports: stdlib, distexec.errors, distexec._version, framing.
+Layer: L1 transport. Imports: stdlib, distexec.errors, distexec._version, framing, integrity.
 
 Nothing is unpickled before both steps succeed. The exchange (fixed sizes, so a
 stranger can make us allocate nothing)::
@@ -12,7 +12,8 @@ stranger can make us allocate nothing)::
 
 Both sides prove knowledge of the cookie ``k`` (mutual), digests are compared with
 ``hmac.compare_digest``, and the role labels keep one side's answer from being replayed as
-the other's. A session key ``HMAC(k, "s" ni nr)`` is kept for per-frame integrity later.
+the other's. Both sides keep the session key ``HMAC(k, "distexec-session" ni nr)``, from
+which :mod:`integrity` derives the per-direction frame MAC keys.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 from .. import _version
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
+from . import integrity
 from .framing import FrameReader
 
 MAGIC = b"DXEC"
@@ -135,7 +137,7 @@ def initiate(
         _deadline_timeout(sock, deadline)
         versions, their_info = _exchange_hello(sock, reader, info, peer)
         sock.settimeout(None)
-        return PeerHello(versions, their_info, _mac(cookie, b"s", ni, nr))
+        return PeerHello(versions, their_info, integrity.session_key(cookie, ni, nr))
     except TimeoutError as exc:
         raise TimeoutError(f"handshake with {peer} did not finish within {timeout:g} s") from exc
     except EOFError as exc:
@@ -171,7 +173,7 @@ def respond(
         _deadline_timeout(sock, deadline)
         versions, their_info = _exchange_hello(sock, reader, info, peer)
         sock.settimeout(None)
-        return PeerHello(versions, their_info, _mac(cookie, b"s", ni, nr))
+        return PeerHello(versions, their_info, integrity.session_key(cookie, ni, nr))
     except TimeoutError as exc:
         raise TimeoutError(f"handshake with {peer} did not finish within {timeout:g} s") from exc
     except EOFError as exc:
