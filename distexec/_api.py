@@ -18,7 +18,7 @@ from typing import Any
 from . import _cluster, _config, refs
 from ._cluster import TOPOLOGIES, GroupStatistics, PeerState
 from ._ids import MASTER, WorkerId
-from .errors import ClusterError, LaunchError, WorkerTimeoutError
+from .errors import ClusterError, LaunchError, ProtocolError, WorkerTimeoutError
 from .managers import local as _local
 from .managers.base import ClusterManager, WorkerConfig
 
@@ -34,6 +34,8 @@ _COMMON_PARAMS: dict[str, Any] = {
     "enable_threaded_blas": False,
     "lazy": True,
     "timeout": None,
+    "tls": None,
+    "allow_insecure_network": False,
 }
 
 
@@ -59,7 +61,8 @@ def procs(pid: WorkerId | None = None) -> list[WorkerId]:
     if pid is None:
         return g.procs()
     if g.myid != MASTER:
-        return list(g.call_fetch(MASTER, _sys_procs_on_host, (pid,), {}))  # type: ignore[call-overload]
+        pids: list[WorkerId] = g.call_fetch(MASTER, _sys_procs_on_host, (pid,), {})  # type: ignore[assignment]
+        return pids
     return _procs_on_host(pid)
 
 
@@ -104,6 +107,23 @@ def nworkers() -> int:
     """The number of workers; 1 when there are none, as in Julia (``nworkers()``)."""
     n = nprocs()
     return 1 if n == 1 else n - 1
+
+
+def worker_id_from_socket(s: Any) -> WorkerId:
+    """The pid of the process at the other end of *s* (a socket or a connection), ``myid()``
+    for ``None`` (a local buffer), and -1 if *s* is not one of this process's links.
+
+    Julia: ``worker_id_from_socket(s)``, for custom serializers that need to know where an
+    object is going.
+    """
+    g = _cluster.group()
+    if s is None:
+        return g.myid
+    for peer in g.peers():
+        conn = peer.conn
+        if conn is not None and (conn is s or conn.sock is s):
+            return peer.pid
+    return -1
 
 
 def cluster_cookie(cookie: str | None = None) -> str:
@@ -151,8 +171,10 @@ def addprocs(
     ``addprocs(machines; ...)`` and ``addprocs(manager; kw...)``.
 
     Keywords: ``topology`` (``"all_to_all"``, ``"master_worker"``, ``"custom"``), ``lazy``,
-    ``dir``, ``exename``, ``exeflags``, ``env``, ``enable_threaded_blas``, and ``timeout``
-    (seconds to wait for each worker; default ``DISTEXEC_WORKER_TIMEOUT``).
+    ``dir``, ``exename``, ``exeflags``, ``env``, ``enable_threaded_blas``, ``timeout``
+    (seconds to wait for each worker; default ``DISTEXEC_WORKER_TIMEOUT``), ``tls`` (a
+    ``TLSConfig``: every link runs mutual TLS 1.3, the cookie handshake inside it) and
+    ``allow_insecure_network`` (let workers listen on a non-loopback address without TLS).
 
     Raises:
         ClusterError: called on a worker, or a topology/lazy change while workers exist.
@@ -212,7 +234,91 @@ def _check_params(manager: ClusterManager, kwargs: Mapping[str, Any]) -> dict[st
         )
     if params["topology"] != "all_to_all":
         params["lazy"] = False
+    _check_network(manager, params)
     return params
+
+
+def _check_network(manager: ClusterManager, params: dict[str, Any]) -> None:
+    """``tls=`` and ``allow_insecure_network=``: pick the cluster's TLS, hand its file paths
+    to the workers (environment), and refuse a plain non-loopback listener unless allowed.
+
+    The cluster's links are all TLS or all plain: ``tls=None`` keeps what live workers use;
+    another ``TLSConfig`` while workers exist is a ``ClusterError``.
+    """
+    from ._transport.tls import TLSConfig
+
+    tls = params["tls"]
+    if tls is not None and not isinstance(tls, TLSConfig):
+        raise TypeError(f"tls must be a TLSConfig, not {type(tls).__name__}")
+    allow = params["allow_insecure_network"]
+    if not isinstance(allow, bool):
+        raise TypeError(f"allow_insecure_network must be True or False, not {allow!r}")
+    g = _cluster.group()
+    live = any(p.state is not PeerState.TERMINATED for p in g.peers())
+    if tls is None and live:
+        tls = g.tls
+    elif live and tls != g.tls:
+        raise ClusterError(
+            "the cluster's links are "
+            + ("plain" if g.tls is None else "TLS with another TLSConfig")
+            + ": workers added now must match (remove the others first)"
+        )
+    params["tls"] = tls
+    if tls is not None:
+        tls.client_context()  # the files load here, or a clear error before anything starts
+        env = dict(params["env"] or {})
+        env.update(tls.to_env())
+        params["env"] = env
+        g.set_tls(tls)
+        return
+    if not live:
+        g.set_tls(None)
+    if allow:
+        env = dict(params["env"] or {})
+        env["DISTEXEC_ALLOW_INSECURE_NETWORK"] = "1"
+        params["env"] = env
+        return
+    insecure = _insecure_binds(manager, params)
+    if not insecure:
+        return
+    advice = (
+        "pass tls=TLSConfig(...) to encrypt and authenticate the links, or "
+        "allow_insecure_network=True to accept cookie-authenticated plain TCP"
+    )
+    if isinstance(manager, _local.LocalManager):
+        raise ValueError(f"workers would listen on {insecure[0]} without TLS: {advice}")
+    import warnings
+
+    warnings.warn(
+        f"{type(manager).__name__}: workers will listen on {', '.join(insecure)} without "
+        f"TLS (plain TCP, authenticated by the cookie only); {advice}",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _insecure_binds(manager: ClusterManager, params: Mapping[str, Any]) -> list[str]:
+    """The non-loopback addresses *manager*'s workers would listen on (what is known here)."""
+    import ipaddress
+
+    def loopback(host: str) -> bool:
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host == "localhost"
+
+    if isinstance(manager, _local.LocalManager):
+        return [] if manager.restrict else [str(params.get("bind_addr") or "0.0.0.0")]
+    from .managers.ssh import SSHManager
+
+    if isinstance(manager, SSHManager) and not params.get("tunnel"):
+        out = []
+        for m in manager.machines:
+            host = m.bind_addr or m.host
+            if not loopback(host) and host not in out:
+                out.append(host)
+        return out
+    return []
 
 
 def _set_topology(g: _cluster.ProcessGroup, topology: str, lazy: bool) -> None:
@@ -293,10 +399,10 @@ def _launch_and_connect(
         g.push_membership()
         _ensure_atexit()
     if launch_error:
-        exc = launch_error[0]
-        if isinstance(exc, LaunchError):
-            raise exc
-        raise LaunchError(f"{type(manager).__name__}.launch failed: {exc}") from exc
+        failure = launch_error[0]
+        if isinstance(failure, LaunchError):
+            raise failure
+        raise LaunchError(f"{type(manager).__name__}.launch failed: {failure}") from failure
     if errors:
         if len(errors) == 1:
             raise errors[0]
@@ -320,10 +426,22 @@ def _setup_worker(
         except NotImplementedError:
             streams = None
         if streams is not None:
-            raise LaunchError(
-                f"{type(manager).__name__}.connect returned streams; custom stream transports "
-                "are not supported yet: return nothing (raise NotImplementedError) and report "
-                "host/port or io in the WorkerConfig"
+            # A custom transport (Julia: connect returns (instream, outstream)): pid 1
+            # authenticates over the streams as it would over a socket, then joins as usual.
+            from . import _custom
+
+            conn = _custom.master_link(
+                g, pid, config, streams, max(0.1, deadline - time.monotonic())
+            )
+            relay = _start_relay(pid, config) if config.io is None else None
+            peer = g.connect_worker(
+                pid,
+                config.connect_at,
+                config,
+                manager,
+                timeout=max(0.1, deadline - time.monotonic()),
+                conn=conn,
+                private=private,
             )
         else:
             extras: dict[str, str] = {}
@@ -350,7 +468,7 @@ def _setup_worker(
                 raise LaunchError(
                     f"{type(manager).__name__} gave worker {pid} neither io nor host/port"
                 )
-            relay = _start_relay(pid, config)
+            relay = _start_relay(pid, config, private)
             address: Any = (host, port)
             if "unix" in extras and isinstance(manager, _local.LocalManager):
                 # Same machine: AF_UNIX moves large buffers several times faster than TCP.
@@ -374,8 +492,8 @@ def _setup_worker(
         return pid
     except BaseException as exc:
         _kill_failed(pid, config, manager)
-        if isinstance(exc, (LaunchError, ClusterError)):
-            raise
+        if isinstance(exc, (LaunchError, ClusterError, ProtocolError)):
+            raise  # ProtocolError: a failed TLS or cookie check, another version: said as is
         if isinstance(exc, TimeoutError):
             raise WorkerTimeoutError(
                 f"worker {pid} did not connect within {timeout:g} seconds{_tail(config)}",
@@ -388,7 +506,9 @@ def _setup_worker(
         ) from exc
 
 
-def _start_relay(pid: WorkerId, config: WorkerConfig) -> _local.OutputRelay | None:
+def _start_relay(
+    pid: WorkerId, config: WorkerConfig, private: bool = False
+) -> _local.OutputRelay | None:
     import sys
 
     proc = config.process
@@ -399,7 +519,8 @@ def _start_relay(pid: WorkerId, config: WorkerConfig) -> _local.OutputRelay | No
         streams.append((proc.stderr, sys.stderr))
     if not streams:
         return None
-    relay = _local.OutputRelay(pid, streams)
+    # An executor's own workers print as ProcessPoolExecutor's do: straight through.
+    relay = _local.OutputRelay(pid, streams, "" if private else None)
     config.extra["relay"] = relay
     return relay
 
@@ -442,21 +563,45 @@ def _remove_unix_dir(config: WorkerConfig | None) -> None:
 
 
 def _describe_exit(peer: _cluster.Peer) -> str:
-    """Why a worker's link dropped, from its process (exit code, signal, last stderr lines)."""
+    """Why a worker's link dropped, from its process: an ``ExitReason`` with the exit code or
+    signal and the last stderr lines (a crash's faulthandler report among them), added to
+    the cause that whoever killed it recorded first (heartbeat, task timeout, cancel)."""
+    cause = peer.exit_reason if isinstance(peer.exit_reason, _cluster.ExitReason) else None
     config = peer.config
     proc = config.process if config is not None else None
     if peer.closing or not isinstance(proc, subprocess.Popen):
-        return ""
+        return cause or peer.exit_reason
     code, text = _local.exit_description(proc, wait=0.5)
     if code is not None:
         _remove_unix_dir(config)
+    lines: list[str] = []
     relay = config.extra.get("relay") if config is not None else None
     if code is not None and relay is not None:
         relay.done.wait(0.5)
-        tail = [line for line in relay.tail if line.strip()]
-        if tail:
-            text += "; its stderr ended with:\n  " + "\n  ".join(tail[-10:])
-    return text
+        lines = [line for line in relay.tail if line.strip()]
+    if cause is not None:
+        text = f"{cause}; {text}"
+    elif code == -9:  # SIGKILL, and distexec did not send it
+        text += " (not by distexec: by another process, or by the kernel when memory ran out)"
+    shown = _crash_lines(lines)
+    if shown:
+        text += "; its stderr ended with:\n  " + "\n  ".join(shown)
+    return _cluster.ExitReason(
+        text,
+        kind=cause.kind if cause is not None else ("exited" if code is not None else "link"),
+        exitcode=code,
+        stderr_tail="\n".join(lines),
+        call_errors=cause.call_errors if cause is not None else None,
+        ref_errors=cause.ref_errors if cause is not None else None,
+    )
+
+
+def _crash_lines(lines: list[str], limit: int = 12) -> list[str]:
+    """The stderr lines worth quoting: a faulthandler report from its first line, else the end."""
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("Fatal Python error"):
+            return lines[i : i + limit]
+    return lines[-10:]
 
 
 _cluster.set_exit_reason_hook(_describe_exit)

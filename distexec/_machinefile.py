@@ -205,7 +205,7 @@ def merge_machines(machines: Iterable[object]) -> list[Machine]:
         old = merged.get(parts)
         if old is not None:
             auto = "auto" in (old.count, count)
-            count = "auto" if auto else int(old.count) + int(count)  # type: ignore[arg-type]
+            count = "auto" if auto else int(old.count) + int(count)
         merged[parts] = Machine(format_machine(*parts), *parts, count=count)
     out = []
     for m in merged.values():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import faulthandler
 import ipaddress
 import json
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 import types
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import _config
 
@@ -72,7 +73,8 @@ def _is_loopback(host: str) -> bool:
 
 def _watch_stdin(stop: threading.Event) -> None:
     try:
-        while sys.stdin.buffer.read1(4096):
+        stdin: Any = sys.stdin.buffer  # a BufferedReader when stdin is a pipe
+        while stdin.read1(4096):
             pass
     except (OSError, ValueError):
         pass
@@ -85,7 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="A distexec worker. The cluster cookie is read from stdin "
         "(or from --cookie-file); it never goes on the command line.",
     )
-    ap.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ap.add_argument(
+        "--bind",
+        default=None,
+        help="address to listen on (default 127.0.0.1; with --join, the address this "
+        "machine reaches pid 1 from)",
+    )
     ap.add_argument("--port", type=int, default=0, help="port to listen on (default: any free one)")
     ap.add_argument(
         "--cookie-file", help="read the cookie from this file (mode 600) instead of stdin"
@@ -105,7 +112,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="allow listening on a non-loopback address without TLS",
     )
+    ap.add_argument(
+        "--join",
+        metavar="HOST:PORT",
+        help="join the running cluster whose pid 1 listens there (an ElasticManager) "
+        "instead of waiting to be dialled",
+    )
+    tls = ap.add_argument_group(
+        "TLS",
+        "mutual TLS 1.3 on every link (file paths; also DISTEXEC_TLS_CA, DISTEXEC_TLS_CERT, "
+        "DISTEXEC_TLS_KEY, DISTEXEC_TLS_HOSTNAME, DISTEXEC_TLS_CHECK_HOSTNAME=0)",
+    )
+    tls.add_argument("--tls-ca", help="PEM file of the CA that signs the cluster's certificates")
+    tls.add_argument("--tls-cert", help="PEM file with this worker's certificate chain")
+    tls.add_argument("--tls-key", help="PEM file with its private key (if not in --tls-cert)")
+    tls.add_argument("--tls-hostname", help="the name every peer's certificate must carry")
+    tls.add_argument(
+        "--tls-no-check-hostname",
+        action="store_true",
+        help="only check that peers' certificates come from the CA",
+    )
     return ap.parse_args(argv)
+
+
+def _tls_config(args: argparse.Namespace) -> Any:
+    """The TLSConfig from the command line or the environment (None: plain TCP), with its
+    files loaded; exits with status 2 if they do not load."""
+    if not (args.tls_ca or args.tls_cert or os.environ.get("DISTEXEC_TLS_CA")):
+        return None
+    from ._transport.tls import TLSConfig
+
+    try:
+        config: TLSConfig | None
+        if args.tls_ca or args.tls_cert:
+            config = TLSConfig(ca=args.tls_ca or "", cert=args.tls_cert or "", key=args.tls_key)
+        else:
+            config = TLSConfig.from_env(os.environ)
+        assert config is not None
+        if args.tls_hostname:
+            config = dataclasses.replace(config, hostname=args.tls_hostname)
+        if args.tls_no_check_hostname:
+            config = dataclasses.replace(config, check_hostname=False)
+        config.server_context()
+        config.client_context()
+    except (ValueError, TypeError) as exc:
+        print(f"distexec-worker: {exc}", file=sys.stderr)
+        os._exit(2)
+    return config
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -113,7 +166,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     if args.parent_death:
         _die_with_parent()
-    faulthandler.enable()
+    # A crash (SIGSEGV, SIGABRT, ...) prints the crashing thread's stack to stderr, whose
+    # tail the master keeps for WorkerDiedError.stderr_tail: that thread only, so the
+    # report fits in the tail instead of being pushed out by idle threads' stacks.
+    faulthandler.enable(all_threads=False)
     _apply_sys_path()
     if args.cookie_file:
         st = os.stat(args.cookie_file)
@@ -135,22 +191,26 @@ def main(argv: list[str] | None = None) -> NoReturn:
     allow_insecure = (
         args.allow_insecure_network or os.environ.get("DISTEXEC_ALLOW_INSECURE_NETWORK") == "1"
     )
-    if not _is_loopback(args.bind) and not allow_insecure:
+    tls = _tls_config(args)
+    if args.join:
+        _join_cluster(args, cookie, tls, allow_insecure)
+    bind = args.bind or "127.0.0.1"
+    if not _is_loopback(bind) and not allow_insecure and tls is None:
         print(
-            f"distexec-worker: refusing to listen on {args.bind} without TLS; "
-            "pass --allow-insecure-network to do it anyway",
+            f"distexec-worker: refusing to listen on {bind} without TLS; "
+            "give TLS files (--tls-ca/--tls-cert) or pass --allow-insecure-network",
             file=sys.stderr,
         )
         os._exit(2)
 
     # Listen and report before importing distexec proper: the master dials while we import,
     # and the kernel's backlog holds its connection until the accept loop starts.
-    family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
-    sock = socket.create_server((args.bind, args.port), family=family, backlog=128)
-    host, port = args.bind, sock.getsockname()[1]
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.create_server((bind, args.port), family=family, backlog=128)
+    host, port = bind, sock.getsockname()[1]
     banner = f"distexec-worker {host}:{port}"
     unix_sock = None
-    if args.unix:
+    if args.unix and tls is None:  # with TLS every link is TLS: no AF_UNIX shortcut
         # A private directory (mode 700) holds the socket; the cookie still guards it.
         unix_dir = tempfile.mkdtemp(prefix="distexec-w")
         unix_path = os.path.join(unix_dir, "s")
@@ -174,7 +234,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     g = _cluster.group()
     g.set_cookie(cookie)
     _interrupt.install_worker_handler()
-    g.serve(sock, (host, port))
+    g.serve(_listener(g, sock, tls), (host, port))
     if unix_sock is not None:
         g.serve_also(unix_sock)
     if watch_stdin:
@@ -198,6 +258,90 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 _cleanup: list[str] = []
+
+
+def _listener(g: Any, sock: socket.socket, tls: Any) -> Any:
+    """*sock*, or with TLS a listener that hands out TLS streams (the cluster dials TLS too)."""
+    if tls is None:
+        return sock
+    from ._transport.tls import TLSListener
+
+    g.set_tls(tls)
+    return TLSListener(sock, tls.server_context())
+
+
+def _join_cluster(args: argparse.Namespace, cookie: bytes, tls: Any, allow: bool) -> NoReturn:
+    """``--join HOST:PORT``: dial pid 1's ElasticManager, answer its challenge (it proves
+    itself second, so a stranger's port learns nothing), tell it where we listen for the
+    other workers, and serve until let go. The link to pid 1 is this worker's lifeline."""
+    host, _, port_text = args.join.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit():
+        print(f"distexec-worker: --join wants HOST:PORT, not {args.join!r}", file=sys.stderr)
+        os._exit(2)
+    timeout = _config.worker_timeout()
+    try:
+        raw = socket.create_connection((host, int(port_text)), timeout=timeout)
+    except OSError as exc:
+        print(f"distexec-worker: cannot reach pid 1 at {args.join}: {exc}", file=sys.stderr)
+        os._exit(1)
+    bind = args.bind or raw.getsockname()[0]
+    if not _is_loopback(bind) and not allow and tls is None:
+        print(
+            f"distexec-worker: refusing to listen on {bind} without TLS; "
+            "give TLS files (--tls-ca/--tls-cert) or pass --allow-insecure-network",
+            file=sys.stderr,
+        )
+        os._exit(2)
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.create_server((bind, args.port), family=family, backlog=128)
+    address = (bind, sock.getsockname()[1])
+    sys.modules["__main__"] = types.ModuleType("__main__")  # as in main(): a clean Main
+
+    import distexec  # noqa: F401  - wires the runtime (refs, pools) before anything arrives
+
+    from . import _cluster, _interrupt
+    from ._transport import connection as _conn
+
+    g = _cluster.group()
+    g.set_cookie(cookie)
+    _interrupt.install_worker_handler()
+    g.serve(_listener(g, sock, tls), address)
+    outcome: list[BaseException] = []
+    done = threading.Event()
+
+    def join() -> None:
+        try:
+            conn = _conn.authenticate(
+                raw,
+                cookie,
+                {**g._hello(), "listen": list(address)},
+                initiator=False,
+                timeout=timeout,
+                peer=f"pid 1 at {args.join}",
+                ssl_context=None if tls is None else tls.client_context(),
+                server_hostname=None if tls is None else tls.server_hostname(host),
+            )
+            g.serve_link(conn, join_only=True)
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=join, name="distexec-join", daemon=True).start()
+    if not done.wait(timeout) or outcome:
+        why = (
+            f"{type(outcome[0]).__name__}: {outcome[0]}"
+            if outcome
+            else f"pid 1 did not take us in within {timeout:g} seconds"
+        )
+        if outcome and "during the handshake" in str(outcome[0]):
+            why += " (is the cookie right?)"
+        print(f"distexec-worker: could not join {args.join}: {why}", file=sys.stderr, flush=True)
+        os._exit(1)
+    print(f"distexec-worker joined {args.join} as worker {g.myid}", flush=True)
+    g.exit_requested.wait()
+    _shutdown(g)
 
 
 def _shutdown(g: object) -> NoReturn:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -18,6 +20,33 @@ def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "c
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+class Collector(io.TextIOBase):
+    """A text stream that keeps what is written to it, safe to read while another thread writes.
+
+    Tests put one in ``sys.stdout``/``sys.stderr`` before starting a worker, whose output relay
+    binds the streams it finds then. Polling ``capfd.readouterr()`` instead races: a line the
+    relay writes between pytest's read and truncate of its capture file is lost.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: list[str] = []
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        with self._lock:
+            self._parts.append(s)
+        return len(s)
+
+    @property
+    def text(self) -> str:
+        with self._lock:
+            return "".join(self._parts)
 
 
 def identity(x: object) -> object:

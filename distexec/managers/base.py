@@ -12,7 +12,7 @@ import abc
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 
 @dataclass
@@ -23,7 +23,7 @@ class WorkerConfig:
     ``connect`` and the cluster fill in the rest (``connect_at``, ``ospid``, ``environ``).
     """
 
-    io: BinaryIO | None = None
+    io: IO[bytes] | None = None
     host: str | None = None
     port: int | None = None
     count: int | str | None = None

@@ -176,8 +176,11 @@ class OutputRelay:
     Keeps the last lines of stderr for diagnostics when the worker dies.
     """
 
-    def __init__(self, pid: int, streams: list[tuple[IO[bytes], IO[str]]]) -> None:
+    def __init__(
+        self, pid: int, streams: list[tuple[IO[bytes], IO[str]]], prefix: str | None = None
+    ) -> None:
         self.pid = pid
+        self.prefix = f"From worker {pid}: " if prefix is None else prefix
         self.tail: deque[str] = deque(maxlen=40)
         self._streams = streams
         self.done = threading.Event()
@@ -232,7 +235,7 @@ class OutputRelay:
             if out is sys.stderr or getattr(out, "_distexec_err", False):
                 self.tail.append(text)
             try:
-                print(f"From worker {self.pid}: {text}", file=out, flush=True)
+                print(f"{self.prefix}{text}", file=out, flush=True)
             except (OSError, ValueError):
                 pass
 

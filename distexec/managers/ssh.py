@@ -170,7 +170,7 @@ def _argv_tuple(value: object, name: str) -> tuple[str, ...]:
 def _env_dict(value: object) -> dict[str, str]:
     if not value:
         return {}
-    items: Iterable[Any] = value.items() if isinstance(value, Mapping) else value  # type: ignore[assignment,attr-defined]
+    items: Iterable[Any] = value.items() if isinstance(value, Mapping) else value  # type: ignore[assignment]
     out = {}
     for item in items:
         key, val = item

@@ -29,7 +29,7 @@ import cloudpickle
 import psutil
 import pytest
 import sshinfra
-from helpers import wait_until
+from helpers import Collector, wait_until
 from sshinfra import NetnsHosts, SSHServer
 
 import distexec as dx
@@ -239,24 +239,23 @@ def _check_dir_and_env(sshd: SSHServer, workdir: Path, directory: str, tricky: s
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("tunnel", [False, True], ids=["direct", "tunnel"])
 def test_worker_output_is_relayed(
-    sshd: SSHServer, capfd: pytest.CaptureFixture[str], tunnel: bool
+    sshd: SSHServer, monkeypatch: pytest.MonkeyPatch, tunnel: bool
 ) -> None:
+    out, err = Collector(), Collector()
+    monkeypatch.setattr(sys, "stdout", out)  # the relay binds the streams it finds at launch
+    monkeypatch.setattr(sys, "stderr", err)
     [w] = dx.addprocs([sshd.destination], **kw(sshd, tunnel=tunnel))
     token = secrets.token_hex(4)
     dx.remotecall_fetch(lambda: print("hello", token, flush=True), w)
     dx.remotecall_fetch(lambda: print("oops", token, file=sys.stderr, flush=True), w)
-
-    seen: list[str] = []
-
-    def printed() -> bool:
-        out, err = capfd.readouterr()
-        seen.extend([out, err])
-        text = "".join(seen)
-        return (
-            f"From worker {w}: hello {token}" in text and f"From worker {w}: oops {token}" in text
-        )
-
-    wait_until(printed, timeout=10, what="the worker's output is relayed")
+    wait_until(
+        lambda: f"From worker {w}: hello {token}" in out.text,
+        what="the worker's stdout to be relayed to ours",
+    )
+    wait_until(
+        lambda: f"From worker {w}: oops {token}" in err.text,
+        what="the worker's stderr to be relayed to ours",
+    )
 
 
 def spin_after_marking(marker: str) -> None:
