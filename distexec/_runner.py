@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
-_IDLE_SECONDS = 30.0
+_IDLE_SECONDS = 2.0  # idle threads go soon: leader/follower reuses busy ones
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)

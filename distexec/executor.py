@@ -10,6 +10,12 @@ futures that work with ``wait``, ``as_completed``, ``asyncio.wrap_future`` and
   ``BrokenProcessPool``); the executor starts a replacement and goes on
   (``break_on_worker_death=True`` restores CPython's whole-pool breakage);
 * ``retry_delays``/``retry_check`` re-run a failed call on another worker;
+* ``task_timeout`` fails a call that runs too long with ``TaskTimeoutError`` and kills and
+  replaces its worker (a thread cannot be stopped; a process can);
+* ``cancel()`` stops a running call too: it is interrupted, and its worker is killed and
+  replaced if it is still running ``cancel_grace`` seconds later (see ``ExecutorFuture``);
+* other calls that were running on a worker the executor killed (for a timeout or a
+  cancel) are not failed: they run again elsewhere, like calls that had not been sent;
 * ``pool=`` runs on workers that already exist (``addprocs``, SSH hosts) and leaves them be;
 * lambdas and closures can be submitted (cloudpickle).
 
@@ -29,17 +35,17 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import _base
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from dataclasses import dataclass
 from typing import Any
 
-from . import _api, _cluster
+from . import _api, _cluster, _timeouts
+from ._cluster import ExitReason
 from ._ids import WorkerId
 from ._remotecall import remotecall_fetch
 from .errors import (
     ProcessExitedException,
     RemoteException,
-    RemoteTraceback,
     UnpicklableRemoteError,
     WorkerDiedError,
     WorkerLostError,
@@ -66,7 +72,40 @@ threading._register_atexit(_python_exit)  # type: ignore[attr-defined]  # as CPy
 
 
 class ExecutorFuture(cf.Future):  # type: ignore[type-arg]
-    """A ``concurrent.futures.Future`` that can also be awaited directly."""
+    """A ``concurrent.futures.Future`` that can also be awaited directly.
+
+    ``cancel()`` works on a running call too, where ``ProcessPoolExecutor``'s returns
+    ``False``: the future is cancelled at once (``cancel()`` returns ``True``, ``result()``
+    raises ``CancelledError``, ``wait`` and ``as_completed`` count it done), the call gets a
+    ``KeyboardInterrupt`` on its worker, and if it is still running ``cancel_grace`` seconds
+    later (a C call that never returns to Python) the worker is killed and replaced. The
+    interrupt reaches every call running on that worker at that moment; the executor runs the
+    others again elsewhere, so they are not lost (they may run twice).
+    """
+
+    _dx_item: _Item | None = None  # the call behind this future, while the executor has it
+
+    def cancel(self) -> bool:
+        item = self._dx_item
+        if item is None:
+            return super().cancel()
+        for _ in range(2):  # a PENDING future may start between the two looks
+            with self._condition:
+                running = self._state == _base.RUNNING
+                if running:
+                    self._state = _base.CANCELLED_AND_NOTIFIED
+                    for waiter in self._waiters:
+                        waiter.add_cancelled(self)
+                    self._condition.notify_all()
+            if running:
+                self._invoke_callbacks()  # type: ignore[attr-defined]
+                item.exe._cancel_running(item)
+                return True
+            if super().cancel():
+                return True
+            if self._state != _base.RUNNING:
+                return False
+        return False
 
     def __await__(self) -> Any:
         import asyncio
@@ -88,12 +127,26 @@ class ExecutorStatistics:
     owned_refs: int
     client_refs: int
     workers: int
+    timed_out: int = 0  # calls failed with TaskTimeoutError (their workers were killed)
+    requeued: int = 0  # calls sent again because the executor killed their worker, or unsent
 
 
 class _Item:
     """One submitted call: its future, its pickled message, and where it runs."""
 
-    __slots__ = ("args", "cid", "exe", "fn", "future", "kwargs", "parts", "pid", "retry", "started")
+    __slots__ = (
+        "args",
+        "cid",
+        "exe",
+        "fn",
+        "future",
+        "kwargs",
+        "parts",
+        "pid",
+        "retry",
+        "sent",
+        "started",
+    )
 
     def __init__(
         self,
@@ -113,6 +166,7 @@ class _Item:
         self.pid: WorkerId = 0
         self.retry: tuple[Iterator[float], Any] | None = None  # delays left, check state
         self.started = False  # RUNNING already (a retry): dispatch leaves its state alone
+        self.sent = 0  # times dispatched: a deadline belongs to one dispatch
 
     def set(self, ok: bool, value: object) -> None:  # Sink: runs on a reader thread
         self.exe._completed(self, ok, value)
@@ -130,8 +184,13 @@ class DistributedExecutor(cf.Executor):
             started first, so the queue never stalls.
         pool: run on these existing workers (a pool or a list of pids) and leave them running.
         retry_delays, retry_check: retry failed calls (see :func:`distexec.retry.retry`).
-        task_timeout: reserved for per-call deadlines (not enforced yet).
+        task_timeout: seconds a call may run (from when it is sent to its worker); past it
+            the call fails with ``TaskTimeoutError`` and its worker is killed and replaced.
+            ``None`` (the default): no limit, and no timer at all on the way of a call. With
+            *pool* a ``WorkerPool`` with its own ``task_timeout``, that one is the default.
         break_on_worker_death: a worker's death breaks the whole executor, as CPython's does.
+        cancel_grace: seconds a cancelled running call has to stop after its interrupt
+            before its worker is killed and replaced.
     """
 
     def __init__(
@@ -147,6 +206,7 @@ class DistributedExecutor(cf.Executor):
         retry_check: Callable[[Any, BaseException], Any] | None = None,
         task_timeout: float | None = None,
         break_on_worker_death: bool = False,
+        cancel_grace: float = 5.0,
     ) -> None:
         if max_workers is None:
             from loky import cpu_count
@@ -167,7 +227,10 @@ class DistributedExecutor(cf.Executor):
         self._max_tasks = max_tasks_per_child
         self._retry_delays = validate_delays(retry_delays)
         self._retry_check = retry_check
-        self._task_timeout = task_timeout
+        if task_timeout is None and pool is not None:
+            task_timeout = getattr(pool, "task_timeout", None)
+        self._task_timeout = _timeouts.check_timeout(task_timeout, "task_timeout")
+        self._cancel_grace = _timeouts.check_timeout(cancel_grace, "cancel_grace") or 5.0
         self._break_on_death = break_on_worker_death
         self._g = _cluster.group()
 
@@ -179,6 +242,7 @@ class DistributedExecutor(cf.Executor):
         self._retiring: set[WorkerId] = set()
         self._owned: set[WorkerId] = set()
         self._retry_heap: list[tuple[float, int, _Item]] = []
+        self._queued_started = 0  # started (RUNNING) items still in _queue
         self._retry_seq = itertools.count()
         self._shutdown = False
         self._broken: str | bool = False
@@ -188,12 +252,20 @@ class DistributedExecutor(cf.Executor):
         self._want_workers = 0
         self._counts = collections.Counter[str]()
         self._idle = threading.Condition(self._lock)
+        # Timeouts and cancels: (when, seq, "timeout" | "cancel", item, its dispatch number),
+        # pruned lazily: an entry whose dispatch is over is skipped when it comes due.
+        self._deadlines: list[tuple[float, int, str, _Item, int]] = []
+        self._deadline_seq = itertools.count()
+        self._killing: set[WorkerId] = set()  # killed by us: their other calls run again
+        self._hit: set[int] = set()  # call ids an interrupt for a cancel also reached
+        self._dead: set[WorkerId] = set()  # found gone while sending; the lost-hook follows
+        self._sending: _Item | None = None  # the call being handed to send_call
 
         if pool is not None:
             pids = pool.workers() if isinstance(pool, AbstractWorkerPool) else list(pool)
             if not pids:
                 raise ValueError("pool has no workers")
-            self._given = pids
+            self._given: list[int] | None = pids
             self._max_workers = len(pids)
         else:
             self._given = None
@@ -211,10 +283,13 @@ class DistributedExecutor(cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if _global_shutdown:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        future: cf.Future[Any] = ExecutorFuture()
+        future = ExecutorFuture()
         item = _Item(self, future, fn, args, kwargs)
+        future._dx_item = item
         try:
-            item.cid, item.parts = self._g.prepare_call(fn, args, kwargs)
+            item.cid, item.parts = self._g.prepare_call(
+                _one_at_a_time, (fn, args, kwargs, _TICKET), {}
+            )
         except BaseException as exc:
             future.set_exception(exc)
             return future
@@ -230,7 +305,7 @@ class DistributedExecutor(cf.Executor):
 
     submit.__doc__ = cf.Executor.submit.__doc__
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
@@ -275,28 +350,33 @@ class DistributedExecutor(cf.Executor):
 
         def results() -> Iterator[Any]:
             try:
+                # No local keeps a future or a value while we yield: the caller's reference
+                # is the only one (CPython's issue #14406).
                 while fs:
-                    fut = fs.popleft()
                     for nxt in itertools.islice(pending, 1):
                         fs.append(submit_chunk(nxt))
                     remaining = None if end_time is None else end_time - time.monotonic()
                     if chunksize == 1:
                         try:
-                            yield _result(fut, remaining)
+                            yield _result(fs.popleft(), remaining)
                         except BaseException as exc:
                             if on_error is None or isinstance(exc, cf.TimeoutError):
                                 raise
                             yield on_error(exc)
                         continue
-                    values, errors = _result(fut, remaining)
-                    for i, v in enumerate(values):
+                    values, errors = _result(fs.popleft(), remaining)
+                    values.reverse()
+                    i = 0
+                    while values:
                         if errors is not None and i in errors:
-                            exc = _translate(errors[i])
+                            values.pop()
+                            failure = _translate(errors[i])
                             if on_error is None:
-                                raise exc
-                            yield on_error(exc)
+                                raise failure
+                            yield on_error(failure)
                         else:
-                            yield v
+                            yield values.pop()
+                        i += 1
             finally:
                 for f in fs:
                     f.cancel()
@@ -308,12 +388,15 @@ class DistributedExecutor(cf.Executor):
         with self._lock:
             self._shutdown = True
             if cancel_futures:
+                # Calls already counted as running (PPE's call queue, retries) still run.
+                keep: collections.deque[_Item] = collections.deque()
                 while self._queue:
                     item = self._queue.popleft()
-                    item.future.cancel()
-                for _, _, item in self._retry_heap:
-                    item.future.cancel()
-                self._retry_heap.clear()
+                    if item.started:
+                        keep.append(item)
+                    else:
+                        item.future.cancel()
+                self._queue.extend(keep)
             self._events.notify_all()
             manager = self._manager
         if wait:
@@ -339,6 +422,8 @@ class DistributedExecutor(cf.Executor):
                 owned_refs=s.owned_refs,
                 client_refs=s.client_refs,
                 workers=s.workers,
+                timed_out=self._counts["timed_out"],
+                requeued=self._counts["requeued"],
             )
 
     def workers(self) -> list[WorkerId]:
@@ -373,28 +458,77 @@ class DistributedExecutor(cf.Executor):
             pid, n = -1, _DEPTH
             for p, k in slots.items():
                 if k < n and p not in self._retiring:
+                    if self._max_tasks is not None and (
+                        self._tasks_done.get(p, 0) + k >= self._max_tasks
+                    ):
+                        continue  # its remaining tasks are all in flight already
                     pid, n = p, k
                     if k == 0:
                         break
             if pid < 0:
+                self._reserve_locked()
                 return
             item = queue.popleft()
+            if item.started:
+                self._queued_started -= 1
             if not item.started:
-                if not item.future.set_running_or_notify_cancel():
+                fut = item.future
+                # (_reserve_locked may have seen it cancelled already: asking twice raises)
+                if (
+                    fut._state == _base.CANCELLED_AND_NOTIFIED
+                    or not fut.set_running_or_notify_cancel()
+                ):
+                    fut._dx_item = None  # type: ignore[attr-defined]
                     continue
                 item.started = True
+            elif item.future.cancelled():  # cancelled while it waited to run again
+                item.future._dx_item = None  # type: ignore[attr-defined]
+                continue
             slots[pid] = n + 1
             item.pid = pid
+            item.sent += 1
             self._running[item.cid] = item
+            if self._task_timeout is not None:
+                self._arm_locked(time.monotonic() + self._task_timeout, "timeout", item)
             assert item.parts is not None
+            self._sending = item  # a failure reported during send_call: it never left
             self._g.send_call(pid, item.cid, item.parts, item)
+            self._sending = None
+
+    def _reserve_locked(self) -> None:
+        """ProcessPoolExecutor's call queue: up to ``max_workers + 1`` calls count as running
+        as soon as they are submitted, even before a worker is free (so, as there, they can
+        no longer be cancelled, and ``shutdown(cancel_futures=True)`` lets them run)."""
+        budget = self._max_workers + 1 - self._queued_started
+        if budget <= 0:
+            return
+        for item in self._queue:
+            if item.started or item.future.cancelled():  # (a cancelled one is asked once)
+                continue
+            if item.future.set_running_or_notify_cancel():
+                item.started = True
+                self._queued_started += 1
+                budget -= 1
+                if budget == 0:
+                    return
 
     def _completed(self, item: _Item, ok: bool, value: object) -> None:
         with self._lock:
-            self._running.pop(item.cid, None)
+            if self._running.pop(item.cid, None) is None:
+                return  # settled already
             pid = item.pid
             if pid in self._slots:
                 self._slots[pid] -= 1
+            hit = False
+            if self._hit:
+                hit = item.cid in self._hit
+                self._hit.discard(item.cid)
+            cancelled = item.future.cancelled()
+            if not ok and not cancelled and self._lost_by_us(item, value, hit):
+                self._counts["requeued"] += 1
+                self._queue.appendleft(item)  # its worker is gone: the same call id is free
+                self._dispatch_locked()
+                return
             done = self._tasks_done[pid] = self._tasks_done.get(pid, 0) + 1
             if (
                 self._max_tasks is not None
@@ -417,11 +551,98 @@ class DistributedExecutor(cf.Executor):
                 self._events.notify_all()
             if not self._running and not self._queue:
                 self._idle.notify_all()
-        if ok:
-            item.future.set_result(value)
-        else:
-            item.future.set_exception(_translate(value))  # type: ignore[arg-type]
+        item.future._dx_item = None  # type: ignore[attr-defined]
         item.parts = None
+        if cancelled:
+            return
+        try:
+            if ok:
+                item.future.set_result(value)
+            else:
+                item.future.set_exception(_translate(value))  # type: ignore[arg-type]
+        except cf.InvalidStateError:
+            pass  # cancelled just now
+
+    def _lost_by_us(self, item: _Item, value: object, hit: bool) -> bool:
+        """Whether a failed call should simply run again: it never reached its worker, or
+        the executor itself killed or interrupted that worker for another call."""
+        pid = item.pid
+        if isinstance(value, ProcessExitedException):
+            if pid in self._slots:  # gone: send nothing more there (its lost-hook follows)
+                del self._slots[pid]
+                self._dead.add(pid)
+            return item is self._sending or pid in self._killing
+        return (
+            hit
+            and isinstance(value, RemoteException)
+            and value.captured.type_name == "KeyboardInterrupt"
+        )
+
+    # ------------------------------------------------------------------ timeouts and cancels
+
+    def _arm_locked(self, when: float, kind: str, item: _Item) -> None:
+        heap = self._deadlines
+        entry = (when, next(self._deadline_seq), kind, item, item.sent)
+        heapq.heappush(heap, entry)
+        if heap[0] is entry:
+            self._events.notify_all()  # the manager thread sleeps until the first deadline
+        elif len(heap) > 4 * len(self._running) + 1024:
+            self._deadlines = [e for e in heap if e[2] == "cancel" or self._current(e[3], e[4])]
+            heapq.heapify(self._deadlines)
+
+    def _current(self, item: _Item, sent: int) -> bool:
+        """Whether *item* is still running in its *sent*-th dispatch."""
+        return item.sent == sent and self._running.get(item.cid) is item
+
+    def _expire_deadlines(self) -> None:
+        """On the manager thread: kill the workers of calls past their timeout, and of
+        cancelled calls past their grace."""
+        kills: dict[WorkerId, tuple[str, str, dict[int, BaseException]]] = {}
+        with self._lock:
+            now = time.monotonic()
+            heap = self._deadlines
+            while heap and heap[0][0] <= now:
+                _, _, kind, item, sent = heapq.heappop(heap)
+                if not self._current(item, sent):
+                    continue  # finished, or running again (a new dispatch, a new deadline)
+                pid, cid = item.pid, item.cid
+                if pid in self._killing:
+                    # Being killed already, for the call that expired first there: this one
+                    # may only have starved behind it, so it runs again elsewhere.
+                    continue
+                if kind == "timeout":
+                    timeout = self._task_timeout or 0.0
+                    reason, err = _timeouts.timeout_reason(
+                        pid, timeout, _timeouts.describe_call(item.fn), call_id=cid
+                    )
+                    self._counts["timed_out"] += 1
+                    kills[pid] = (str(reason), "timeout", {cid: err})
+                else:
+                    kills[pid] = (
+                        f"a cancelled call was still running {self._cancel_grace:g} s "
+                        "after its interrupt",
+                        "cancelled",
+                        {},
+                    )
+                self._killing.add(pid)
+        for pid, (text, kind, errors) in kills.items():
+            reason = ExitReason(text, kind=kind, call_errors=errors)
+            if not _timeouts.kill_worker(pid, reason):
+                with self._lock:
+                    self._killing.discard(pid)
+
+    def _cancel_running(self, item: _Item) -> None:
+        """``cancel()`` of a RUNNING future: interrupt its call, and arm the grace period."""
+        with self._lock:
+            if self._running.get(item.cid) is not item:
+                return  # not on a worker now (waiting to run again): it will not be sent
+            pid = item.pid
+            self._hit.update(cid for cid, other in self._running.items() if other.pid == pid)
+            self._arm_locked(time.monotonic() + self._cancel_grace, "cancel", item)
+        try:
+            _api.interrupt(pid)
+        except Exception:
+            pass  # the worker is gone: the call is over anyway
 
     def _should_retry(self, item: _Item, exc: BaseException) -> bool:
         if self._shutdown and isinstance(exc, ProcessExitedException):
@@ -451,6 +672,8 @@ class DistributedExecutor(cf.Executor):
         """Start and replace workers, release retries, and wind down at shutdown."""
         try:
             while True:
+                if self._deadlines:
+                    self._expire_deadlines()
                 with self._lock:
                     now = time.monotonic()
                     while self._retry_heap and self._retry_heap[0][0] <= now:
@@ -474,6 +697,9 @@ class DistributedExecutor(cf.Executor):
                         wait = None
                         if self._retry_heap:
                             wait = max(0.0, self._retry_heap[0][0] - time.monotonic())
+                        if self._deadlines:
+                            due = max(0.0, self._deadlines[0][0] - time.monotonic())
+                            wait = due if wait is None else min(wait, due)
                         self._events.wait(wait if wait is not None else 1.0)
                         continue
                     self._want_workers = 0
@@ -484,8 +710,11 @@ class DistributedExecutor(cf.Executor):
 
     def _requeue(self, item: _Item) -> None:
         """A retry goes out as a new call (new id); its future stays RUNNING."""
-        item.cid, item.parts = self._g.prepare_call(item.fn, item.args, item.kwargs)
+        item.cid, item.parts = self._g.prepare_call(
+            _one_at_a_time, (item.fn, item.args, item.kwargs, _TICKET), {}
+        )
         self._queue.appendleft(item)
+        self._queued_started += 1
 
     def _add_workers(self, n: int) -> None:
         try:
@@ -495,6 +724,8 @@ class DistributedExecutor(cf.Executor):
                 self._broken = f"could not start workers: {exc}"
                 self._events.notify_all()
             return
+        with self._lock:
+            self._owned.update(pids)  # ours from now on, so shutdown removes them all
         for pid in pids:
             if self._initializer is not None:
                 try:
@@ -527,6 +758,7 @@ class DistributedExecutor(cf.Executor):
         err = BrokenProcessPool(self._broken)
         items = list(self._queue) + [i for _, _, i in self._retry_heap]
         self._queue.clear()
+        self._queued_started = 0
         self._retry_heap.clear()
         for item in items:
             if item.started or item.future.set_running_or_notify_cancel():
@@ -537,9 +769,12 @@ class DistributedExecutor(cf.Executor):
 
     def _peer_lost_hook(self, pid: WorkerId) -> None:
         with self._lock:
-            if pid not in self._slots:
+            self._killing.discard(pid)
+            found_dead = pid in self._dead
+            self._dead.discard(pid)
+            if pid not in self._slots and not found_dead:
                 return
-            del self._slots[pid]
+            self._slots.pop(pid, None)
             self._retiring.discard(pid)
             if pid in self._owned:
                 self._owned.discard(pid)
@@ -548,7 +783,8 @@ class DistributedExecutor(cf.Executor):
                         "A process in the process pool was terminated abruptly while the "
                         "future was running or pending."
                     )
-                elif not self._shutdown:
+                elif not self._shutdown or self._queue or self._retry_heap:
+                    # (after shutdown too, while work that must finish is waiting)
                     self._want_workers += 1
                     self._counts["replaced"] += 1
             self._events.notify_all()
@@ -567,9 +803,67 @@ class DistributedExecutor(cf.Executor):
             pass
 
     def _at_interpreter_exit(self) -> None:
-        with self._lock:
-            self._shutdown = True
-            self._events.notify_all()
+        # As ProcessPoolExecutor does at exit: finish the work already submitted.
+        self.shutdown(wait=True)
+
+
+_turn = threading.Condition()  # guards: _serving, _given, _abandoned
+_serving = 0  # the ticket whose call may run now
+_given = 0  # tickets handed out so far
+_abandoned: set[int] = set()
+
+
+def _take_ticket() -> int:
+    """Runs while the call is unpickled, on the reader thread: tickets follow arrival order."""
+    global _given
+    with _turn:
+        t = _given
+        _given += 1
+        return t
+
+
+class _Ticket:
+    """Unpickles into this worker's next ticket (it travels last, so a call that fails to
+    unpickle never takes one)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_take_ticket, ())
+
+
+def _advance_locked() -> None:
+    global _serving
+    _serving += 1
+    while _serving in _abandoned:
+        _abandoned.discard(_serving)
+        _serving += 1
+    _turn.notify_all()
+
+
+def _one_at_a_time(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ticket: int
+) -> Any:
+    """On a worker: run an executor's calls one at a time and in arrival order, as a
+    ProcessPoolExecutor process does. The next call is sent ahead (to hide the round trip)
+    and waits here for its turn."""
+    try:
+        with _turn:
+            while _serving != ticket:
+                _turn.wait()
+    except BaseException:  # interrupted while waiting: give the turn up, never block others
+        with _turn:
+            if _serving == ticket:
+                _advance_locked()
+            else:
+                _abandoned.add(ticket)
+        raise
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        with _turn:
+            _advance_locked()
+
+
+_TICKET = _Ticket()
 
 
 def _quiet_rmprocs(*pids: WorkerId) -> None:
@@ -588,7 +882,9 @@ def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, RemoteException):
         original = exc.captured.ex
         if not isinstance(original, UnpicklableRemoteError):
-            original.__cause__ = RemoteTraceback(f'\n"""\n{exc.captured.tb_text}"""')
+            # CPython's own type, so code (and tests) checking for it see what they expect.
+            tb = f'\n"""\n{exc.captured.tb_text}"""'
+            original.__cause__ = _RemoteTraceback(tb)  # type: ignore[arg-type]
         return original
     if isinstance(exc, ProcessExitedException) and not isinstance(exc, WorkerLostError):
         return WorkerDiedError(

@@ -33,9 +33,15 @@ from concurrent.futures import ThreadPoolExecutor
 from queue import Empty, SimpleQueue
 from typing import Any
 
-from . import _cluster
+from . import _cluster, _timeouts
 from ._ids import WorkerId
-from .errors import CapturedException, ClusterError, ProcessExitedException, RemoteException
+from .errors import (
+    CapturedException,
+    ClusterError,
+    ProcessExitedException,
+    RemoteException,
+    TaskTimeoutError,
+)
 from .retry import validate_delays
 from .workerpool import AbstractWorkerPool, CachingPool, WorkerPool, default_worker_pool
 
@@ -54,6 +60,7 @@ def pmap(
     retry_delays: Iterable[float] = (),
     retry_check: Callable[[Any, BaseException], Any] | None = None,
     progress: bool = False,
+    timeout: float | None = None,
 ) -> list[Any]:
     """Apply *f* to each element of *iterables* (zipped, shortest wins) on the workers.
 
@@ -70,10 +77,17 @@ def pmap(
             (``n`` delays: up to ``n + 1`` attempts), e.g. ``ExponentialBackOff(n=3)``.
         retry_check: ``check(state, exc)`` -> ``bool`` or ``(state, bool)``: retry or not.
         progress: show a progress bar (tqdm if installed, else a one-line counter).
+        timeout: seconds one message (an element, or a batch) may run on its worker (default:
+            the pool's ``task_timeout``). Past it, that worker is killed and the message's
+            elements fail with ``TaskTimeoutError``, which ``on_error`` and ``retry_delays``
+            see like any failure (a retry runs on another worker). Other elements that were
+            running on the killed worker are not failed: they are sent again. Not applied
+            when pmap runs on threads here (threads cannot be killed).
 
     Raises:
         RemoteException: an element failed on a worker and was not handled or retried away.
         ProcessExitedException: a worker died with an element that was not retried.
+        TaskTimeoutError: an element ran past *timeout* and was not handled or retried away.
         ValueError, TypeError: bad arguments, before anything is sent.
     """
     if not callable(f):
@@ -91,6 +105,9 @@ def pmap(
         raise TypeError("on_error must be callable")
     if retry_check is not None and not callable(retry_check):
         raise TypeError("retry_check must be callable")
+    timeout = _timeouts.check_timeout(timeout, "timeout")
+    if timeout is None and pool is not None:
+        timeout = getattr(pool, "task_timeout", None)
 
     g = _cluster.group()
     own_pool = None
@@ -114,6 +131,7 @@ def pmap(
         retry_delays=retry_delays,
         retry_check=retry_check,
         progress=progress,
+        timeout=timeout,
     )
     try:
         return engine.run()
@@ -163,15 +181,20 @@ def _run_batch(fn: Callable[..., Any], items: list[Any], star: bool) -> tuple[li
 class _Unit:
     """One message's worth of elements, and the sink its answer arrives in."""
 
-    __slots__ = ("done", "indices", "items", "pid")
+    __slots__ = ("cid", "done", "indices", "items", "pid")
 
     def __init__(
-        self, indices: list[int], items: list[Any], pid: WorkerId, done: SimpleQueue[Any]
+        self,
+        indices: range | list[int],
+        items: list[Any],
+        pid: WorkerId,
+        done: SimpleQueue[Any],
     ) -> None:
         self.indices = indices
         self.items = items
         self.pid = pid
         self.done = done
+        self.cid = 0  # its call id, kept when a timeout must find it
 
     def set(self, ok: bool, value: object) -> None:  # runs on a reader thread: no blocking
         self.done.put((self, ok, value))
@@ -189,21 +212,30 @@ class _Engine:
         retry_delays: Iterable[float],
         retry_check: Callable[[Any, BaseException], Any] | None,
         progress: bool,
+        timeout: float | None = None,
     ) -> None:
         self.f = f
+        # Task timeouts: a heap of (deadline, call id), the units still out by call id, and
+        # the workers killed for one (whose other units are sent again, not failed).
+        self.timeout = timeout
+        self.deadlines: list[tuple[float, int]] = []
+        self.open: dict[int, _Unit] = {}
+        self.killed: set[WorkerId] = set()
         self.star = len(iterables) > 1
         # zip stops at the shortest input, as map() does
         src: Iterator[Any] = (
             iter(zip(*iterables, strict=False)) if self.star else iter(iterables[0])
         )
-        self.source = enumerate(src)
+        self.source = src
+        self.taken = 0  # elements taken from the input so far (the next one's index)
         self.pool = pool
         self.batch_size = batch_size
         self.on_error = on_error
         self.retry_delays = retry_delays
         self.retry_check = retry_check
         self.done: SimpleQueue[tuple[_Unit, bool, object]] = SimpleQueue()
-        self.results: dict[int, Any] = {}
+        self.results: dict[int, Any] = {}  # index -> value, element by element
+        self.chunks: dict[int, list[Any]] = {}  # first index -> values of a whole batch
         self.retry_state: dict[int, tuple[Iterator[float], Any]] = {}
         self.due: list[tuple[float, int, Any]] = []  # heap of (when, index, item)
         self.ready: deque[tuple[int, Any]] = deque()  # retries whose delay has passed
@@ -234,22 +266,18 @@ class _Engine:
                     break
         return best
 
-    def _next_unit_items(self) -> tuple[list[int], list[Any]]:
+    def _next_unit_items(self) -> tuple[range | list[int], list[Any]]:
         if self.ready:  # retried elements go alone
             idx, item = self.ready.popleft()
             return [idx], [item]
         if self.exhausted:
             return [], []
-        idxs: list[int] = []
-        items: list[Any] = []
-        for idx, item in self.source:
-            idxs.append(idx)
-            items.append(item)
-            if len(idxs) >= self.batch_size:
-                break
-        else:
+        items = list(itertools.islice(self.source, self.batch_size))
+        if len(items) < self.batch_size:
             self.exhausted = True
-        return idxs, items
+        start = self.taken
+        self.taken += len(items)
+        return range(start, self.taken), items
 
     def _work_left(self) -> bool:
         """Whether elements remain to be sent (peeks one from the input if it must)."""
@@ -257,8 +285,9 @@ class _Engine:
             return True
         if self.exhausted:
             return False
-        for idx, item in self.source:
-            self.ready.append((idx, item))
+        for item in self.source:
+            self.ready.append((self.taken, item))
+            self.taken += 1
             return True
         self.exhausted = True
         return False
@@ -280,6 +309,10 @@ class _Engine:
         except BaseException as exc:
             unit.set(False, exc)
             return
+        if self.timeout is not None:
+            unit.cid = cid
+            self.open[cid] = unit
+            heapq.heappush(self.deadlines, (time.monotonic() + self.timeout, cid))
         self.g.send_call(unit.pid, cid, parts, unit)
 
     def _run_local(self, unit: _Unit) -> None:
@@ -295,17 +328,32 @@ class _Engine:
     def _handle(self, unit: _Unit, ok: bool, value: object) -> None:
         self.inflight[unit.pid] -= 1
         self.units_inflight -= 1
+        if self.open:
+            self.open.pop(unit.cid, None)
         batched = not (len(unit.items) == 1 and self.batch_size == 1) and self.local_exec is None
         if not ok:
-            if isinstance(value, ProcessExitedException) and self.pool is not None:
+            lost = isinstance(value, ProcessExitedException)
+            if (lost or isinstance(value, TaskTimeoutError)) and self.pool is not None:
                 self.workers = _live(self.pool)
+            if lost and unit.pid in self.killed:  # killed for another unit's timeout
+                self.ready.extend(zip(unit.indices, unit.items, strict=True))
+                return
             for idx, item in zip(unit.indices, unit.items, strict=True):
                 self._failed(idx, item, value)  # type: ignore[arg-type]
             return
         if not batched:
             self._store(unit.indices[0], value)
             return
+        values: list[Any]
+        errors: dict[int, BaseException] | None
         values, errors = value  # type: ignore[misc]
+        if errors is None and isinstance(unit.indices, range):
+            # The common case: a fresh batch, all went well. Its elements have no retry
+            # state (retried elements travel alone), so the batch is kept whole.
+            self.chunks[unit.indices.start] = values
+            if self.progress is not None:
+                self.progress.tick(len(values))
+            return
         for i, (idx, item) in enumerate(zip(unit.indices, unit.items, strict=True)):
             if errors is not None and i in errors:
                 self._failed(idx, item, errors[i])
@@ -387,6 +435,8 @@ class _Engine:
                     wait = max(0.0, self.due[0][0] - time.monotonic())
                 elif self.due:
                     wait = max(0.0, min(1.0, self.due[0][0] - time.monotonic()))
+                if self.deadlines:
+                    wait = self._expire(wait)
                 try:
                     unit, ok, value = self.done.get(timeout=wait)
                 except Empty:
@@ -408,7 +458,34 @@ class _Engine:
                 self.progress.close()
         if self.error is not None:
             raise self.error
-        return [self.results[i] for i in range(len(self.results))]
+        out: list[Any] = [None] * self.taken
+        for start, values in self.chunks.items():
+            out[start : start + len(values)] = values
+        for idx, value in self.results.items():
+            out[idx] = value
+        return out
+
+    def _expire(self, wait: float | None) -> float | None:
+        """Kill the workers of units past their timeout (their answers then arrive as
+        ``TaskTimeoutError``); return how long the loop may wait for the next deadline."""
+        now = time.monotonic()
+        late: dict[WorkerId, dict[int, BaseException]] = {}
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, cid = heapq.heappop(self.deadlines)
+            unit = self.open.get(cid)
+            if unit is None or unit.pid in self.killed or unit.pid in late:
+                continue  # a later one on a worker being killed may only have starved: resent
+            timeout = self.timeout or 0.0
+            _, err = _timeouts.timeout_reason(unit.pid, timeout, _timeouts.describe_call(self.f))
+            late[unit.pid] = {cid: err}
+        for pid, blame in late.items():
+            self.killed.add(pid)
+            text = f"a pmap call ran past its timeout of {self.timeout:g} s"
+            _timeouts.kill_worker(pid, _cluster.ExitReason(text, kind="timeout", call_errors=blame))
+        if not self.deadlines:
+            return wait
+        due = max(0.0, self.deadlines[0][0] - time.monotonic())
+        return due if wait is None else min(wait, due)
 
     def _interrupt_inflight(self) -> None:
         busy = [p for p, n in self.inflight.items() if n > 0 and p != self.g.myid]
@@ -450,10 +527,10 @@ class _Progress:
             self._bar = tqdm(total=total, desc="pmap", unit="el")
         self._lock = threading.Lock()
 
-    def tick(self) -> None:
-        self.n += 1
+    def tick(self, n: int = 1) -> None:
+        self.n += n
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(n)
             return
         now = time.monotonic()
         if now - self._last > 0.1:

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _cluster
+from . import _cluster, _heartbeat, _timeouts
 from ._ids import MASTER, WorkerId
 from .errors import ClusterError
 
@@ -69,20 +69,27 @@ class WorkerPool(AbstractWorkerPool):
 
     Pickled to another process, a pool arrives there as a pool over the same workers with
     its own idle bookkeeping.
+
+    ``task_timeout`` (seconds) bounds every call made through the pool (``remotecall``,
+    ``remotecall_fetch``, ``remotecall_wait``, and ``pmap`` over it): a call that runs longer
+    fails with ``TaskTimeoutError`` and its worker is killed, so it leaves the pool. The
+    user's own keyword arguments still reach the function untouched. ``remote_do`` gets
+    nothing back, so it is not timed.
     """
 
-    def __init__(self, pids: Iterable[WorkerId] = ()) -> None:
+    def __init__(self, pids: Iterable[WorkerId] = (), *, task_timeout: float | None = None) -> None:
         self._cond = threading.Condition()  # guards: _members, _idle
         self._members: dict[WorkerId, None] = {}
         self._idle: deque[WorkerId] = deque()
         self._is_default = False
+        self.task_timeout = _timeouts.check_timeout(task_timeout, "task_timeout")
         for pid in pids:
             self.push(pid)
         with _pools_lock:
             _pools.add(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (list(self._members),))
+        return (type(self), (list(self._members),), {"task_timeout": self.task_timeout})
 
     def __repr__(self) -> str:
         with self._cond:
@@ -162,6 +169,12 @@ class WorkerPool(AbstractWorkerPool):
             self.put(pid)
             raise
         fut.add_done_callback(lambda _: self.put(pid))
+        timeout = self.task_timeout
+        if timeout is not None and pid != _cluster.group().myid:
+            entry = _timeouts.pool_deadlines.add(
+                timeout, lambda: _expire_future(fut, pid, timeout, fn)
+            )
+            fut.add_done_callback(lambda _: _timeouts.pool_deadlines.cancel(entry))
         return fut
 
     def remotecall_fetch(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -169,7 +182,12 @@ class WorkerPool(AbstractWorkerPool):
 
         pid = self.take()
         try:
-            return remotecall_fetch(self._prepare_fn(fn, pid), pid, *args, **kwargs)
+            timeout = self.task_timeout
+            if timeout is None or pid == _cluster.group().myid:
+                return remotecall_fetch(self._prepare_fn(fn, pid), pid, *args, **kwargs)
+            if not callable(fn):
+                raise TypeError(f"expected a callable to run remotely, got {type(fn).__name__}")
+            return _timeouts.call_fetch(pid, self._prepare_fn(fn, pid), args, kwargs, timeout)
         finally:
             self.put(pid)
 
@@ -186,6 +204,16 @@ class WorkerPool(AbstractWorkerPool):
             remote_do(self._prepare_fn(fn, pid), pid, *args, **kwargs)
         finally:
             self.put(pid)
+
+
+def _expire_future(fut: Any, pid: WorkerId, timeout: float, fn: Callable[..., Any]) -> None:
+    """A pool call's task timeout passed: kill its worker; the Future gets TaskTimeoutError."""
+    if fut.done():
+        return
+    reason, _ = _timeouts.timeout_reason(
+        pid, timeout, _timeouts.describe_call(fn), rrid=getattr(fut, "rrid", None)
+    )
+    _timeouts.kill_worker(pid, reason)
 
 
 # ---------------------------------------------------------------------------- CachingPool
@@ -255,14 +283,14 @@ class CachingPool(WorkerPool):
     move those 50 MB once per worker. ``clear()`` forgets the shipped functions everywhere.
     """
 
-    def __init__(self, pids: Iterable[WorkerId] = ()) -> None:
-        super().__init__(pids)
+    def __init__(self, pids: Iterable[WorkerId] = (), *, task_timeout: float | None = None) -> None:
+        super().__init__(pids, task_timeout=task_timeout)
         self._cache_lock = threading.Lock()  # guards: _shipped
         # id(fn) -> (fn, key, pids that have it); fn is kept alive so its id stays unique.
         self._shipped: dict[int, tuple[Callable[..., Any], tuple[int, int], set[WorkerId]]] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (CachingPool, (list(self._members),))
+        return (CachingPool, (list(self._members),), {"task_timeout": self.task_timeout})
 
     def _prepare_fn(self, fn: Callable[..., Any], pid: WorkerId) -> Callable[..., Any]:
         if pid == _cluster.group().myid:
@@ -273,9 +301,9 @@ class CachingPool(WorkerPool):
                 entry = self._shipped[id(fn)] = (fn, (_cluster.group().myid, next(_tokens)), set())
             _, key, have = entry
             if pid in have:
-                return _Ref(key)  # type: ignore[return-value]
+                return _Ref(key)
             have.add(pid)
-        return _Ship(key, fn)  # type: ignore[return-value]
+        return _Ship(key, fn)
 
     def clear(self) -> None:
         """Forget every shipped function, here and on the workers. Julia: ``clear!(pool)``."""
@@ -362,3 +390,4 @@ def remote(fn: Callable[..., Any], pool: AbstractWorkerPool | None = None) -> Ca
 
 _cluster.group().on_peer_joined.append(_on_peer_joined)
 _cluster.group().on_peer_lost.append(_on_peer_lost)
+_heartbeat.install()  # pid 1 pings its workers and kills those that stop answering

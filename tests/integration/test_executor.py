@@ -23,8 +23,12 @@ def executor() -> object:
     with DistributedExecutor(max_workers=2) as ex:
         yield ex
         owned = ex.workers()
+    from distexec import _cluster
+
+    g = _cluster.group()
     helpers.wait_until(
-        lambda: not set(owned) & set(dx.workers()), what="the executor's workers to be removed"
+        lambda: all(g.peer(p).state is _cluster.PeerState.TERMINATED for p in owned),
+        what="the executor's workers to be removed",
     )
 
 

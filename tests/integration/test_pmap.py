@@ -116,8 +116,9 @@ def test_on_error_sees_worker_death(cluster: list[int]) -> None:
     (pid,) = dx.addprocs(1)
     try:
         pool = dx.WorkerPool([pid])
-        got = dx.pmap(helpers.die, [3], pool=pool, on_error=lambda e: type(e).__name__)
-        assert got == ["ProcessExitedException"]
+        got = dx.pmap(helpers.die, [3], pool=pool, on_error=lambda e: e)
+        assert isinstance(got[0], dx.ProcessExitedException)
+        assert type(got[0]).__name__ == "WorkerDiedError" and got[0].exitcode == 3
     finally:
         if pid in dx.workers():
             dx.rmprocs(pid)

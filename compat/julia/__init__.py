@@ -1,0 +1,4 @@
+"""Julia's ``Distributed`` reference page, example by example, rewritten with distexec.
+
+Layer: compat harness. See ``compat/README.md``.
+"""
