@@ -7,6 +7,9 @@ and ``DistributedExecutor``, a drop-in ``concurrent.futures`` executor.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from . import _refstore as _refstore
 from ._api import addprocs as addprocs
 from ._api import cluster_cookie as cluster_cookie
@@ -18,6 +21,7 @@ from ._api import nworkers as nworkers
 from ._api import procs as procs
 from ._api import rmprocs as rmprocs
 from ._api import statistics as statistics
+from ._api import worker_id_from_socket as worker_id_from_socket
 from ._api import workers as workers
 from ._channel import Channel as Channel
 from ._free import fetch as fetch
@@ -26,15 +30,6 @@ from ._free import put as put
 from ._free import take as take
 from ._free import wait as wait
 from ._ids import RRID as RRID
-from ._macros import async_ as async_
-from ._macros import clear as clear
-from ._macros import distributed as distributed
-from ._macros import everywhere as everywhere
-from ._macros import fetchfrom as fetchfrom
-from ._macros import spawn as spawn
-from ._macros import spawnat as spawnat
-from ._macros import sync as sync
-from ._macros import timedwait as timedwait
 from ._remotecall import remote_do as remote_do
 from ._remotecall import remotecall as remotecall
 from ._remotecall import remotecall_fetch as remotecall_fetch
@@ -58,13 +53,14 @@ from .errors import WorkerDiedError as WorkerDiedError
 from .errors import WorkerLostError as WorkerLostError
 from .errors import WorkerTimeoutError as WorkerTimeoutError
 from .errors import WorkerUnresponsiveError as WorkerUnresponsiveError
-from .executor import DistributedExecutor as DistributedExecutor
 from .managers.base import ClusterManager as ClusterManager
 from .managers.base import WorkerConfig as WorkerConfig
 from .managers.local import LocalManager as LocalManager
-from .managers.ssh import SSHManager as SSHManager
 from .pmap import pmap as pmap
 from .refs import Future as Future
+from .refs import RemoteChannel as RemoteChannel
+from .refs import channel_from_id as channel_from_id
+from .refs import remoteref_id as remoteref_id
 from .retry import ExponentialBackOff as ExponentialBackOff
 from .retry import retry as retry
 from .workerpool import AbstractWorkerPool as AbstractWorkerPool
@@ -72,6 +68,63 @@ from .workerpool import CachingPool as CachingPool
 from .workerpool import WorkerPool as WorkerPool
 from .workerpool import default_worker_pool as default_worker_pool
 from .workerpool import remote as remote
+
+if TYPE_CHECKING:
+    from ._custom import init_worker as init_worker
+    from ._custom import process_messages as process_messages
+    from ._custom import start_worker as start_worker
+    from ._macros import async_ as async_
+    from ._macros import clear as clear
+    from ._macros import distributed as distributed
+    from ._macros import everywhere as everywhere
+    from ._macros import fetchfrom as fetchfrom
+    from ._macros import spawn as spawn
+    from ._macros import spawnat as spawnat
+    from ._macros import sync as sync
+    from ._macros import timedwait as timedwait
+    from ._transport.tls import TLSConfig as TLSConfig
+    from .executor import DistributedExecutor as DistributedExecutor
+    from .managers.elastic import ElasticManager as ElasticManager
+    from .managers.ssh import SSHManager as SSHManager
+
+# pmap and retry stay above: each shares its name with its module, which an import of the
+# module would otherwise put in the function's place.
+# Loaded on first use: a worker (and a script that only calls remotecall) never pays for the
+# executor, pmap, the macros, SSH or TLS (PEP 562). The core above wires the runtime: the
+# reference store, pools' membership hooks and heartbeats must be in place before the first
+# message arrives.
+_LAZY: dict[str, str] = {
+    "init_worker": "._custom",
+    "process_messages": "._custom",
+    "start_worker": "._custom",
+    "async_": "._macros",
+    "clear": "._macros",
+    "distributed": "._macros",
+    "everywhere": "._macros",
+    "fetchfrom": "._macros",
+    "spawn": "._macros",
+    "spawnat": "._macros",
+    "sync": "._macros",
+    "timedwait": "._macros",
+    "TLSConfig": "._transport.tls",
+    "DistributedExecutor": ".executor",
+    "ElasticManager": ".managers.elastic",
+    "SSHManager": ".managers.ssh",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distexec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "AbstractWorkerPool",
@@ -86,6 +139,7 @@ __all__ = [
     "DeserializationError",
     "DistexecError",
     "DistributedExecutor",
+    "ElasticManager",
     "ExponentialBackOff",
     "Future",
     "LaunchError",
@@ -93,9 +147,11 @@ __all__ = [
     "ProcessExitedException",
     "ProtocolError",
     "RRID",
+    "RemoteChannel",
     "RemoteException",
     "SSHManager",
     "SerializationError",
+    "TLSConfig",
     "TaskTimeoutError",
     "VersionMismatchError",
     "WorkerConfig",
@@ -107,6 +163,7 @@ __all__ = [
     "__version__",
     "addprocs",
     "async_",
+    "channel_from_id",
     "clear",
     "cluster_cookie",
     "default_worker_pool",
@@ -114,6 +171,7 @@ __all__ = [
     "everywhere",
     "fetch",
     "fetchfrom",
+    "init_worker",
     "interrupt",
     "isready",
     "myid",
@@ -121,6 +179,7 @@ __all__ = [
     "nprocs",
     "nworkers",
     "pmap",
+    "process_messages",
     "procs",
     "put",
     "remote",
@@ -128,14 +187,17 @@ __all__ = [
     "remotecall",
     "remotecall_fetch",
     "remotecall_wait",
+    "remoteref_id",
     "retry",
     "rmprocs",
     "spawn",
     "spawnat",
+    "start_worker",
     "statistics",
     "sync",
     "take",
     "timedwait",
     "wait",
+    "worker_id_from_socket",
     "workers",
 ]

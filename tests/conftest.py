@@ -41,18 +41,23 @@ def _live_worker_children() -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[list[int]]:
     """Two local workers for a whole test module; removed (and checked gone) afterwards."""
+    from helpers import ospid, wait_until
+
     import distexec as dx
 
     pids = dx.addprocs(2)
+    ospids = [dx.remotecall_fetch(ospid, p) for p in pids]
     try:
         yield pids
     finally:
-        live = [p for p in dx.workers() if p != 1]
+        live = [p for p in pids if p in dx.workers()]
         if live:
             dx.rmprocs(live)
-        from helpers import wait_until
 
-        wait_until(lambda: not _live_worker_children(), timeout=10, what="workers to exit")
+        def gone() -> bool:
+            return not any(c.pid in ospids for c in _live_worker_children())
+
+        wait_until(gone, timeout=10, what="workers to exit")
 
 
 @pytest.fixture
@@ -67,3 +72,28 @@ def no_leaked_workers() -> Iterator[None]:
         timeout=10,
         what="no leftover worker processes or zombies",
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_leaves_no_worker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test module ends with the worker processes it started gone (and reaped)."""
+    before = {p.pid for p in _live_worker_children()}
+    yield
+    from helpers import wait_until
+
+    def leftover() -> list[psutil.Process]:
+        return [p for p in _live_worker_children() if p.pid not in before]
+
+    try:
+        wait_until(lambda: not leftover(), timeout=10, what="the module's workers to exit")
+    except AssertionError:
+        described = []
+        for p in leftover():
+            try:
+                described.append(f"{p.pid} {p.status()} {' '.join(p.cmdline())[:100]!r}")
+            except psutil.NoSuchProcess:
+                continue
+        if described:
+            raise AssertionError(
+                f"{request.module.__name__} left worker processes behind: {'; '.join(described)}"
+            ) from None

@@ -217,13 +217,13 @@ class LokyBackend(ExecutorBackend):
         importlib.import_module("loky")
 
     def make_executor(self, nworkers: int) -> Executor:
-        import loky  # type: ignore[import-untyped]
+        import loky
 
         ex: Executor = loky.ProcessPoolExecutor(max_workers=nworkers)
         return ex
 
     def info(self) -> dict[str, object]:
-        import loky  # type: ignore[import-untyped]
+        import loky
 
         return {"loky": getattr(loky, "__version__", "?")}
 

@@ -19,6 +19,7 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def run(case: str, backend: str, params: Mapping[str, Any]) -> dict[str, Any]:
     m = lookup(case, backend)
     if m is None:
         return {"ok": False, "na": True, "error": f"n/a: no {case} measurement for {backend}"}
+    before = set(_procs.descendants(os.getpid()))  # not ours to end (run in-process: a test's)
     b = BACKENDS[backend]()
     result: dict[str, Any]
     warnings: list[str] = []
@@ -64,14 +66,15 @@ def run(case: str, backend: str, params: Mapping[str, Any]) -> dict[str, Any]:
             result["info"] = {**b.info(), **result["info"]}
     except Exception as exc:
         warnings.append(f"info failed: {type(exc).__name__}: {exc}")
-    result["leftover"] = end_leftovers()
+    result["leftover"] = end_leftovers(spare=before)
     result["warnings"] = warnings
     return result
 
 
-def end_leftovers() -> list[dict[str, object]]:
-    """End this process's descendants still alive after teardown; describe each."""
-    alive = _procs.descendants(os.getpid())
+def end_leftovers(spare: AbstractSet[int] = frozenset()) -> list[dict[str, object]]:
+    """End this process's descendants still alive after teardown, except those in *spare*
+    (there before the measurement began); describe each."""
+    alive = [p for p in _procs.descendants(os.getpid()) if p not in spare]
     trackers = [p for p in alive if "resource_tracker" in _procs.describe(p)]
     left = _procs.wait_gone([p for p in alive if p not in trackers], EXIT_GRACE)
     records: list[dict[str, object]] = [

@@ -290,7 +290,16 @@ def test_driver_reports_a_failing_backend_as_an_error(monkeypatch: pytest.Monkey
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setitem(BACKENDS, "failing", _FailingBackend)
     params = CASES["latency"].params(Settings(quick=True))
-    result = run_driver_in_process("latency", "failing", params)
+    # A process that was ours before the measurement (here: a test's) is not the driver's
+    # to end: only what the measured backend left behind is.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        result = run_driver_in_process("latency", "failing", params)
+        assert bystander.poll() is None, "the driver ended a process it did not start"
+        assert bystander.pid not in [r["pid"] for r in result["leftover"]]
+    finally:
+        bystander.kill()
+        bystander.wait()
     assert result["ok"] is False
     assert result["error"] == "NotImplementedError: remotecall_fetch is not there yet"
     assert "metrics" not in result
