@@ -366,6 +366,10 @@ class DistributedExecutor(cf.Executor):
                         continue
                     values, errors = _result(fs.popleft(), remaining)
                     values.reverse()
+                    if errors is None:  # the common case: nothing to look up per element
+                        while values:
+                            yield values.pop()
+                        continue
                     i = 0
                     while values:
                         if errors is not None and i in errors:
@@ -769,7 +773,8 @@ class DistributedExecutor(cf.Executor):
 
     def _peer_lost_hook(self, pid: WorkerId) -> None:
         with self._lock:
-            self._killing.discard(pid)
+            # _killing keeps *pid* (pids are never reused): this hook runs before the calls
+            # that were on it fail, and _lost_by_us must still see that we killed it.
             found_dead = pid in self._dead
             self._dead.discard(pid)
             if pid not in self._slots and not found_dead:
