@@ -193,3 +193,75 @@ register_case(
         timeout_s=120.0,
     )
 )
+
+
+# -- opt-in: over SSH (``--cases all`` or by name; they start their own sshd) -----------------
+
+SSH_WORKERS = 4
+
+register_case(
+    Case(
+        name="startup_ssh",
+        title=f"nothing → {SSH_WORKERS} workers over SSH to 127.0.0.1, against {SSH_WORKERS} local",
+        params=lambda s: {"workers": SSH_WORKERS, "rounds": 1 if s.quick else 2},
+        metrics=lambda p: (
+            Metric("ssh_ready_ms", "ssh ready ms", "lower", ratio="ssh ready"),
+            Metric("local_ready_ms", "local ready ms", "lower"),
+            Metric("ready_ratio", "ready ssh÷local", "lower"),
+            Metric("ssh_teardown_ms", "ssh teardown ms", "lower", show_range=False),
+            Metric("local_teardown_ms", "local teardown ms", "lower", show_range=False),
+            Metric("teardown_ratio", "teardown ssh÷local", "lower", show_range=False),
+            Metric("ssh_logins_ms", f"{p['workers']} ssh logins ms", "lower", show_range=False),
+        ),
+        explain=lambda p: (
+            f"ready = from addprocs until each of {p['workers']} workers answered one call: "
+            f"ssh: addprocs([('user@127.0.0.1:PORT', {p['workers']})]), one ssh session per "
+            f"worker to an sshd of the bench's own; local: addprocs({p['workers']}). "
+            f"Same driver, {p['rounds']} round(s) of each, order alternating per round "
+            "(median of rounds). "
+            "ssh set-up aside: keys, sshd and one 'ssh true' check come before any timing "
+            "(curve25519 key exchange). teardown = rmprocs until it returned. The ratios are "
+            "ssh ÷ local within each driver; target ≤ 1.2 times. ssh logins: for scale, "
+            f"{p['workers']} concurrent 'ssh user@127.0.0.1 true' until all returned, what ssh "
+            "and the remote login shell cost one session per worker before any Python starts."
+        ),
+        timeout_s=180.0,
+        default=False,
+    )
+)
+
+register_case(
+    Case(
+        name="latency_ssh",
+        title="round trips of identity(i) to a worker over SSH in another network namespace",
+        params=lambda s: {
+            "warmup": 50 if s.quick else 300,
+            "calls": 300 if s.quick else 3000,
+            "blocks": 3 if s.quick else 10,
+        },
+        metrics=lambda p: (
+            Metric("ssh_median_us", "ssh median µs", "lower", ratio="ssh median"),
+            Metric("ssh_p99_us", "ssh p99 µs", "lower", show_range=False),
+            Metric("local_median_us", "local median µs", "lower"),
+            Metric("local_p99_us", "local p99 µs", "lower", show_range=False),
+            Metric("ratio", "ssh÷local", "lower"),
+            Metric("local_mac_median_us", "local+MAC median µs", "lower"),
+            Metric("local_mac_p99_us", "local+MAC p99 µs", "lower", show_range=False),
+            Metric("ratio_mac", "ssh÷local+MAC", "lower"),
+        ),
+        explain=lambda p: (
+            "remotecall_fetch(identity, pid, i) one after another, to three workers of one "
+            "driver: ssh = started over SSH inside a network namespace of the bench's own, "
+            "reached over a veth (198.19.x.2): plain TCP to another address, so "
+            "DISTEXEC_INTEGRITY=auto puts a MAC on every frame; local = addprocs(1), AF_UNIX, "
+            "auto: no MACs; local+MAC = addprocs(1) with DISTEXEC_INTEGRITY=frame, MACs "
+            "like the ssh link. Each link's integrity is checked. "
+            f"{p['calls']} timed calls per worker after {p['warmup']} warm-up calls, in "
+            f"{p['blocks']} blocks taking the workers in turn (rotated order); per-call µs, "
+            "median and p99 within a driver. ssh÷local: as deployed (MACs on the ssh link "
+            "only); ssh÷local+MAC: like for like. Target ≤ 1.2 times."
+        ),
+        timeout_s=180.0,
+        default=False,
+    )
+)

@@ -1,6 +1,7 @@
 """The measurements, registered per (case, backend).
 
-Layer: tooling (``python -m distexec.bench``). Imports: stdlib; numpy inside the bandwidth case.
+Layer: tooling (``python -m distexec.bench``). Imports: stdlib and the bench's own modules;
+numpy inside the bandwidth case, ``_sshd`` inside the SSH cases.
 
 ``lookup(case, backend)`` returns the function registered for exactly that pair, else the one
 registered for ``"*"`` (every backend), else None (the cell reads ``n/a``). A measurement gets a
@@ -11,7 +12,9 @@ and stop the backend themselves.
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from distexec.bench import _procs
 from distexec.bench._backends import Backend, BenchUnavailable
 
 Lifecycle = Literal["warm", "own"]
@@ -213,4 +217,189 @@ def startup(b: Backend, p: Mapping[str, Any]) -> Outcome:
             "teardown_ms": (t3 - t2) * 1e3,
         },
         {"worker_pids": pids},
+    )
+
+
+# -- opt-in cases over SSH: distexec only (other backends: n/a) -------------------------------
+
+
+def _ready_then_remove(
+    dx: Any, b: Backend, arg: Any, kw: Mapping[str, Any], check: Callable[[list[int]], None]
+) -> tuple[float, float, list[int]]:
+    """``addprocs(arg, **kw)`` until each new worker answered one call, then ``rmprocs``:
+    (ready ms, teardown ms, the workers' OS pids). *check* sees the pids, untimed."""
+    before = set(dx.workers())
+    t0 = time.perf_counter()
+    try:
+        pids = dx.addprocs(arg, **kw)
+        futures = [dx.remotecall(b.tasks.worker_pid, pid) for pid in pids]
+        ospids = [dx.fetch(f) for f in futures]
+        t1 = time.perf_counter()
+        check(ospids)
+        t2 = time.perf_counter()
+        dx.rmprocs(pids)
+        t3 = time.perf_counter()
+    finally:
+        left = [p for p in dx.workers() if p != 1 and p not in before]
+        if left:
+            dx.rmprocs(left)
+    return (t1 - t0) * 1e3, (t3 - t2) * 1e3, ospids
+
+
+@measure("startup_ssh", backends=("distexec",), lifecycle="own")
+def startup_ssh(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """4 workers over SSH to 127.0.0.1, and 4 local ones, each until all answered a call."""
+    import tempfile
+    from pathlib import Path
+
+    from distexec.bench._sshd import SSHD
+
+    dx = importlib.import_module("distexec")
+    n = p["workers"]
+    ready: dict[str, list[float]] = {"ssh": [], "local": []}
+    teardown: dict[str, list[float]] = {"ssh": [], "local": []}
+    ospids: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory(prefix="dxb-ssh-") as tmp, SSHD(Path(tmp)) as server:
+        server.check()
+        login_ms = server.time_logins(n)
+        sshd_pid = server.pid
+
+        def distinct(which: str) -> Callable[[list[int]], None]:
+            def check(pids: list[int]) -> None:
+                if len(set(pids)) != n or os.getpid() in pids:
+                    raise AssertionError(f"{n} {which} workers expected, answers from {pids}")
+                if which == "ssh" and sshd_pid is not None:
+                    under = set(_procs.descendants(sshd_pid))
+                    if not set(pids) <= under:
+                        raise AssertionError(f"ssh workers {pids} are not sshd {sshd_pid}'s")
+                ospids[which] = sorted(pids)
+
+            return check
+
+        runs: dict[str, tuple[Any, dict[str, Any]]] = {
+            "ssh": ([(server.destination, n)], server.addprocs_kw()),
+            "local": (n, {}),
+        }
+        for r in range(p["rounds"]):
+            for which in ("ssh", "local") if r % 2 == 0 else ("local", "ssh"):
+                arg, kw = runs[which]
+                up, down, _ = _ready_then_remove(dx, b, arg, kw, distinct(which))
+                ready[which].append(up)
+                teardown[which].append(down)
+    med = {k: statistics.median(v) for k, v in ready.items()}
+    med_down = {k: statistics.median(v) for k, v in teardown.items()}
+    return Outcome(
+        {
+            "ssh_ready_ms": med["ssh"],
+            "local_ready_ms": med["local"],
+            "ready_ratio": med["ssh"] / med["local"],
+            "ssh_teardown_ms": med_down["ssh"],
+            "local_teardown_ms": med_down["local"],
+            "teardown_ratio": med_down["ssh"] / med_down["local"],
+            "ssh_logins_ms": login_ms,
+        },
+        {
+            "ssh_worker_ospids": ospids["ssh"],
+            "local_worker_ospids": ospids["local"],
+            "ready_ms_all": ready,
+            "teardown_ms_all": teardown,
+            "destination": server.destination,
+        },
+    )
+
+
+def _link_integrity(pid: int) -> bool | None:
+    """Whether the master's link to *pid* carries frame MACs (None: cannot tell)."""
+    try:
+        from distexec import _cluster
+
+        peer = _cluster.group().peer(pid)
+        return None if peer is None or peer.conn is None else bool(peer.conn.integrity)
+    except Exception:
+        return None
+
+
+def _netns_of(ospid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{ospid}/ns/net")
+    except OSError:
+        return "?"
+
+
+@measure("latency_ssh", backends=("distexec",), lifecycle="own")
+def latency_ssh(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """Sequential round trips to an SSH worker in another namespace and to two local ones."""
+    import tempfile
+    from pathlib import Path
+
+    from distexec.bench._sshd import SSHD
+
+    dx = importlib.import_module("distexec")
+    fn = b.tasks.identity
+    # This process's own wish counts too (either side asking for MACs wins): make it "auto",
+    # whatever the caller's environment says, so the local worker's link really has none.
+    os.environ["DISTEXEC_INTEGRITY"] = "auto"
+    with (
+        tempfile.TemporaryDirectory(prefix="dxb-ssh-") as tmp,
+        SSHD(Path(tmp), netns=True) as server,
+    ):
+        server.check()
+        pids: dict[str, int] = {}
+        try:
+            # The ssh worker first: workers dial lower pids, and it cannot reach 127.0.0.1 here.
+            [pids["ssh"]] = dx.addprocs(
+                [server.destination], **server.addprocs_kw({"DISTEXEC_INTEGRITY": "auto"})
+            )
+            [pids["local"]] = dx.addprocs(1, env={"DISTEXEC_INTEGRITY": "auto"})
+            [pids["local_mac"]] = dx.addprocs(1, env={"DISTEXEC_INTEGRITY": "frame"})
+            ospids = {k: dx.remotecall_fetch(b.tasks.worker_pid, pid) for k, pid in pids.items()}
+            integrity = {k: _link_integrity(pid) for k, pid in pids.items()}
+            want = {"ssh": True, "local": False, "local_mac": True}
+            if integrity != want:
+                raise AssertionError(f"frame MACs per link: {integrity}, expected {want}")
+            here = _netns_of(os.getpid())
+            if _netns_of(ospids["ssh"]) in (here, "?") or _netns_of(ospids["local"]) != here:
+                raise AssertionError("the ssh worker is not in the other network namespace")
+            for pid in pids.values():
+                for i in range(p["warmup"]):
+                    dx.remotecall_fetch(fn, pid, i)
+            clock = time.perf_counter_ns
+            samples: dict[str, list[int]] = {k: [] for k in pids}
+            order = list(pids)
+            blocks = p["blocks"]
+            per_block = -(-p["calls"] // blocks)
+            for blk in range(blocks):
+                k = blk % len(order)
+                for name in [*order[k:], *order[:k]]:
+                    pid, out = pids[name], samples[name]
+                    for i in range(per_block):
+                        t0 = clock()
+                        r = dx.remotecall_fetch(fn, pid, i)
+                        out.append(clock() - t0)
+                    if r != per_block - 1:
+                        raise AssertionError(f"identity({per_block - 1}) returned {r!r}")
+        finally:
+            live = [w for w in dx.workers() if w != 1]
+            if live:
+                dx.rmprocs(live)
+    stats: dict[str, float] = {}
+    for name, ns in samples.items():
+        us = sorted(s / 1e3 for s in ns)
+        stats[f"{name}_median_us"] = statistics.median(us)
+        stats[f"{name}_p99_us"] = percentile(us, 99)
+    return Outcome(
+        {
+            **stats,
+            "ratio": stats["ssh_median_us"] / stats["local_median_us"],
+            "ratio_mac": stats["ssh_median_us"] / stats["local_mac_median_us"],
+        },
+        {
+            "p99_ratio": stats["ssh_p99_us"] / stats["local_p99_us"],
+            "p99_ratio_mac": stats["ssh_p99_us"] / stats["local_mac_p99_us"],
+            "calls_per_worker": len(samples["ssh"]),
+            "frame_macs": integrity,
+            "worker_ospids": ospids,
+            "ssh_host": server.host,
+            "ssh_netns": server.netns,
+        },
     )
