@@ -195,18 +195,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if args.join:
         _join_cluster(args, cookie, tls, allow_insecure)
     bind = args.bind or "127.0.0.1"
-    if not _is_loopback(bind) and not allow_insecure and tls is None:
-        print(
-            f"distexec-worker: refusing to listen on {bind} without TLS; "
-            "give TLS files (--tls-ca/--tls-cert) or pass --allow-insecure-network",
-            file=sys.stderr,
-        )
-        os._exit(2)
-
     # Listen and report before importing distexec proper: the master dials while we import,
     # and the kernel's backlog holds its connection until the accept loop starts.
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    sock = socket.create_server((bind, args.port), family=family, backlog=128)
+    sock = _listen(bind, args.port, allow_insecure, tls)
     host, port = bind, sock.getsockname()[1]
     banner = f"distexec-worker {host}:{port}"
     unix_sock = None
@@ -260,6 +251,20 @@ def main(argv: list[str] | None = None) -> NoReturn:
 _cleanup: list[str] = []
 
 
+def _listen(bind: str, port: int, allow_insecure: bool, tls: Any) -> socket.socket:
+    """A listening socket on *bind*; exits with status 2 for a non-loopback address without
+    TLS unless insecure networking was allowed."""
+    if not _is_loopback(bind) and not allow_insecure and tls is None:
+        print(
+            f"distexec-worker: refusing to listen on {bind} without TLS; "
+            "give TLS files (--tls-ca/--tls-cert) or pass --allow-insecure-network",
+            file=sys.stderr,
+        )
+        os._exit(2)
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    return socket.create_server((bind, port), family=family, backlog=128)
+
+
 def _listener(g: Any, sock: socket.socket, tls: Any) -> Any:
     """*sock*, or with TLS a listener that hands out TLS streams (the cluster dials TLS too)."""
     if tls is None:
@@ -286,15 +291,7 @@ def _join_cluster(args: argparse.Namespace, cookie: bytes, tls: Any, allow: bool
         print(f"distexec-worker: cannot reach pid 1 at {args.join}: {exc}", file=sys.stderr)
         os._exit(1)
     bind = args.bind or raw.getsockname()[0]
-    if not _is_loopback(bind) and not allow and tls is None:
-        print(
-            f"distexec-worker: refusing to listen on {bind} without TLS; "
-            "give TLS files (--tls-ca/--tls-cert) or pass --allow-insecure-network",
-            file=sys.stderr,
-        )
-        os._exit(2)
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    sock = socket.create_server((bind, args.port), family=family, backlog=128)
+    sock = _listen(bind, args.port, allow, tls)
     address = (bind, sock.getsockname()[1])
     sys.modules["__main__"] = types.ModuleType("__main__")  # as in main(): a clean Main
 
