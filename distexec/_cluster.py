@@ -123,6 +123,37 @@ class Sink(Protocol):
     def set(self, ok: bool, value: object) -> None: ...
 
 
+#: A reader that runs a call itself hands reading to another thread only if the call is
+#: still running after this long (or blocks on the cluster sooner): short calls then cost
+#: no thread wake-up at all.
+_INLINE_GRACE = 0.002
+_INLINE_POLL = 0.001  # how often the watchdog looks while calls run inline
+_IDLE_POLL = 0.01  # ... and while none does
+
+_tls = threading.local()
+
+
+class _Inline:
+    """A call that a link's reader thread is running itself (see ``_read_loop``)."""
+
+    __slots__ = ("conn", "group", "peer", "promoted", "started")
+
+    def __init__(self, group: ProcessGroup, peer: Peer, conn: Connection) -> None:
+        self.group = group
+        self.peer = peer
+        self.conn = conn
+        self.started = time.monotonic()
+        self.promoted = False  # a follower reads the link now; set under group._inline_lock
+
+
+def before_block() -> None:
+    """Called before this thread blocks on the cluster: if it is a link's reader running a
+    call, another thread must read that link now (the answer may come on it)."""
+    tok: _Inline | None = getattr(_tls, "inline", None)
+    if tok is not None and not tok.promoted:
+        tok.group._promote(tok)
+
+
 class Reply:
     """A one-shot slot for the answer to a call; the cheapest wait CPython has (a lock)."""
 
@@ -141,6 +172,9 @@ class Reply:
         self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
+        if self._lock.acquire(False):
+            return True
+        before_block()
         return self._lock.acquire(True, -1 if timeout is None else max(timeout, 0))
 
 
@@ -184,6 +218,9 @@ class ProcessGroup:
         self.topology = "all_to_all"
         self.lazy = True
         self.runner = Runner()
+        self._inline: set[_Inline] = set()  # calls readers run themselves
+        self._inline_lock = threading.Lock()  # guards: _inline, _Inline.promoted, _watchdog
+        self._watchdog: threading.Thread | None = None
         self.listen_address: Any = None
         self._listener: socket.socket | None = None
         self.joined = threading.Event()
@@ -829,9 +866,12 @@ class ProcessGroup:
     def _read_loop(self, peer: Peer, conn: Connection) -> None:
         """Read messages from *peer* until the link drops (leader/follower for calls).
 
-        A call is decoded here, in arrival order; then reading passes to an idle runner
-        thread and this thread runs the call itself, so no thread handoff sits between a
-        call's arrival and its execution, and a blocked call never holds up the link.
+        A call is decoded here, in arrival order, and this thread runs it itself: no thread
+        hand-off sits between a call's arrival and its execution. If the call is still
+        running after ``_INLINE_GRACE`` seconds, or blocks on the cluster (its answer may
+        come on this very link), a runner thread takes over reading (``_promote``) and this
+        one leaves the loop once the call is done; otherwise it reads on. So a short call
+        costs no thread wake-up, and a blocked one holds up the link for milliseconds only.
         """
         error: BaseException | None = None
         try:
@@ -841,9 +881,9 @@ class ProcessGroup:
                     call = self._decode_call(peer, frame)
                     if call is None:
                         continue
-                    self.runner.submit(self._read_loop, peer, conn)  # a follower reads on
-                    self._execute(peer, call, frame.response_id)
-                    return
+                    if self._run_inline(peer, conn, call, frame.response_id):
+                        return  # a follower reads on
+                    continue
                 self._dispatch(peer, conn, frame)
         except ProtocolError as exc:  # before OSError: a ProtocolError is a ConnectionError
             error = exc
@@ -854,6 +894,45 @@ class ProcessGroup:
             error = exc
             _log(f"reader for worker {peer.pid} crashed: {type(exc).__name__}: {exc}")
         self._peer_lost(peer, conn, error)
+
+    def _run_inline(self, peer: Peer, conn: Connection, call: CallMsg, response_id: int) -> bool:
+        """Run *call* on this reader thread; True if reading passed to a follower meanwhile."""
+        tok = _Inline(self, peer, conn)
+        with self._inline_lock:
+            self._inline.add(tok)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch_inline, name="distexec-inline-watch", daemon=True
+                )
+                self._watchdog.start()
+        _tls.inline = tok
+        try:
+            self._execute(peer, call, response_id)
+        finally:
+            _tls.inline = None
+            with self._inline_lock:
+                self._inline.discard(tok)
+        return tok.promoted
+
+    def _promote(self, tok: _Inline) -> None:
+        """Hand reading *tok*'s link to a runner thread (once)."""
+        with self._inline_lock:
+            if tok.promoted or tok not in self._inline:
+                return
+            tok.promoted = True
+        self.runner.submit(self._read_loop, tok.peer, tok.conn)
+
+    def _watch_inline(self) -> None:
+        """Promote a follower for every call that runs inline longer than the grace."""
+        while True:
+            time.sleep(_INLINE_POLL if self._inline else _IDLE_POLL)
+            if not self._inline:
+                continue
+            now = time.monotonic()
+            with self._inline_lock:
+                late = [t for t in self._inline if now - t.started >= _INLINE_GRACE]
+            for tok in late:
+                self._promote(tok)
 
     def _decode_call(self, peer: Peer, frame: Frame) -> CallMsg | None:
         try:

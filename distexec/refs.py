@@ -372,6 +372,8 @@ class Future(cf.Future):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> Any:
         """The value, pulling it from its owner the first time if it stayed there."""
+        if not self.done():
+            _cluster.before_block()  # a link's reader waiting: its answer may come on that link
         value = super().result(timeout)
         if value is _NOT_HERE:
             value = self._pull()
