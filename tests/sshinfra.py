@@ -73,7 +73,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, NoReturn, Self
+from typing import IO, Any, NoReturn, Self
 
 import psutil
 
@@ -1179,3 +1179,26 @@ class NetnsHosts:
             self.keys,
             [HostEntry(h.ssh_alias, h.addr, h.port, h.user) for h in self.hosts],
         )
+
+
+def addprocs_kwargs(server: SSHServer | NetnsHosts, **extra: Any) -> dict[str, Any]:
+    """What ``addprocs`` needs to start workers through *server*: its ssh flags, the
+    remote interpreter and environment, plus *extra*."""
+    return {
+        "sshflags": server.sshflags,
+        "exename": server.python,
+        "env": server.remote_env,
+        **extra,
+    }
+
+
+def ssh_client_children() -> list[psutil.Process]:
+    """This process's ssh clients (and zombies) still around."""
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE or child.name() == "ssh":
+                out.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return out

@@ -79,3 +79,17 @@ def netns_hosts(
         yield hosts
     finally:
         hosts.close()
+
+
+@pytest.fixture
+def no_ssh_leftovers() -> Iterator[None]:
+    """After the test: remove its workers and wait until no ssh client is left."""
+    import distexec as dx
+
+    yield
+    live = [p for p in dx.workers() if p != 1]
+    if live:
+        dx.rmprocs(live)
+    sshinfra.wait_until(
+        lambda: not sshinfra.ssh_client_children(), timeout=15, what="no ssh client left"
+    )

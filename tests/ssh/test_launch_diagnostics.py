@@ -9,12 +9,9 @@ covered in ``test_ssh_manager.py``; here: hosts that cannot be reached at all.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Any
 
-import psutil
 import pytest
-from helpers import wait_until
+import sshinfra
 from sshinfra import SSHServer
 
 import distexec as dx
@@ -23,33 +20,8 @@ import distexec as dx
 BLACKHOLE = "198.51.100.1"
 
 
-def kw(server: SSHServer, **extra: Any) -> dict[str, Any]:
-    return {
-        "sshflags": server.sshflags,
-        "exename": server.python,
-        "env": server.remote_env,
-        **extra,
-    }
-
-
-def _ssh_children() -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE or child.name() == "ssh":
-                out.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
-@pytest.fixture(autouse=True)
-def no_ssh_leftovers() -> Iterator[None]:
-    yield
-    live = [p for p in dx.workers() if p != 1]
-    if live:
-        dx.rmprocs(live)
-    wait_until(lambda: not _ssh_children(), timeout=15, what="no ssh client left")
+kw = sshinfra.addprocs_kwargs
+pytestmark = pytest.mark.usefixtures("no_ssh_leftovers")
 
 
 unreachable = [

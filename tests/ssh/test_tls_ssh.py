@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import cloudpickle
-import psutil
 import pytest
-from helpers import wait_until
+import sshinfra
 from sshinfra import NetnsHosts, SSHServer
 
 import distexec as dx
@@ -32,33 +29,8 @@ from tlscerts import make_certs
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def kw(server: SSHServer | NetnsHosts, **extra: Any) -> dict[str, Any]:
-    return {
-        "sshflags": server.sshflags,
-        "exename": server.python,
-        "env": server.remote_env,
-        **extra,
-    }
-
-
-def _ssh_children() -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.status() == psutil.STATUS_ZOMBIE or child.name() == "ssh":
-                out.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
-@pytest.fixture(autouse=True)
-def no_ssh_leftovers() -> Iterator[None]:
-    yield
-    live = [p for p in dx.workers() if p != 1]
-    if live:
-        dx.rmprocs(live)
-    wait_until(lambda: not _ssh_children(), timeout=15, what="no ssh client left")
+kw = sshinfra.addprocs_kwargs
+pytestmark = pytest.mark.usefixtures("no_ssh_leftovers")
 
 
 def ask(pid: int) -> int:
