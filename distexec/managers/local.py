@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from queue import SimpleQueue
 from typing import IO, Any
 
 from ..errors import LaunchError, WorkerTimeoutError
@@ -82,7 +83,7 @@ class LocalManager(ClusterManager):
         cookie = params["cookie"]
         for _ in range(self.np):
             try:
-                proc = subprocess.Popen(
+                proc = spawn(
                     argv,
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -115,6 +116,47 @@ class LocalManager(ClusterManager):
 
 
 # ---------------------------------------------------------------------------- process helpers
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(argv, **kwargs)``, run on a thread that lives as long as this process.
+
+    A worker started with ``--parent-death`` asks Linux (``PR_SET_PDEATHSIG``) to kill it
+    when its parent dies, and to Linux the parent is the *thread* that forked it, or,
+    once that thread is gone, whichever thread of ours it was handed to. Forked from a
+    short-lived thread (addprocs launches on one), a worker could be killed whenever some
+    thread of ours ended, even right after printing its address. Forked from here, only
+    the death of this process kills it.
+    """
+    global _spawner
+    done: SimpleQueue[tuple[bool, Any]] = SimpleQueue()
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = threading.Thread(target=_spawn_loop, name="distexec-spawner", daemon=True)
+            _spawner.start()
+        _spawn_jobs.put((argv, kwargs, done))
+    ok, value = done.get()
+    if not ok:
+        raise value
+    proc: subprocess.Popen[bytes] = value
+    return proc
+
+
+def _spawn_loop() -> None:
+    while True:
+        argv, kwargs, done = _spawn_jobs.get()
+        try:
+            done.put((True, subprocess.Popen(argv, **kwargs)))
+        except BaseException as exc:
+            done.put((False, exc))
+        del argv, kwargs, done
+
+
+_spawn_jobs: SimpleQueue[tuple[list[str], dict[str, Any], SimpleQueue[tuple[bool, Any]]]] = (
+    SimpleQueue()
+)
+_spawner: threading.Thread | None = None
+_spawner_lock = threading.Lock()
 
 
 def read_banner(
