@@ -32,6 +32,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _cluster, _config, refs
@@ -199,9 +200,18 @@ def start_worker(
         stream.write(banner.encode())
     stream.flush()
     g.serve(listener, address)
+    serve_until_released(g)
+
+
+def serve_until_released(
+    g: _cluster.ProcessGroup, cleanup: Callable[[], None] = lambda: None
+) -> NoReturn:
+    """A serving worker's last steps: exit with status 1 if pid 1 has not joined within
+    ``DISTEXEC_WORKER_TIMEOUT``; then wait until released (or until nobody can come: the
+    exit was requested before pid 1 joined), run *cleanup*, flush and exit with status 0."""
     timeout = _config.worker_timeout()
     deadline = time.monotonic() + timeout
-    while not g.joined.wait(0.05):
+    while not g.joined.wait(0.05) and not g.exit_requested.is_set():
         if time.monotonic() > deadline:
             print(
                 f"distexec-worker: the master did not connect within {timeout:g} seconds; exiting",
@@ -210,6 +220,12 @@ def start_worker(
             )
             os._exit(1)
     g.exit_requested.wait()
+    exit_now(cleanup)
+
+
+def exit_now(cleanup: Callable[[], None] = lambda: None) -> NoReturn:
+    """Run *cleanup*, flush stdout and stderr, and end the process with status 0."""
+    cleanup()
     for std in (sys.stdout, sys.stderr):
         try:
             std.flush()

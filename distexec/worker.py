@@ -24,7 +24,6 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 import types
 from typing import Any, NoReturn
 
@@ -232,20 +231,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         threading.Thread(
             target=_watch_stdin, args=(g.exit_requested,), name="distexec-stdin", daemon=True
         ).start()
-    timeout = _config.worker_timeout()
-    deadline = time.monotonic() + timeout
-    while not g.joined.wait(0.05):
-        if g.exit_requested.is_set():
-            _shutdown(g)  # stdin closed before the master joined: nobody will come
-        if time.monotonic() > deadline:
-            print(
-                f"distexec-worker: the master did not connect within {timeout:g} seconds; exiting",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(1)
-    g.exit_requested.wait()
-    _shutdown(g)
+    from ._custom import serve_until_released
+
+    serve_until_released(g, _remove_private_dirs)  # stdin's EOF releases it too
 
 
 _cleanup: list[str] = []
@@ -338,18 +326,14 @@ def _join_cluster(args: argparse.Namespace, cookie: bytes, tls: Any, allow: bool
         os._exit(1)
     print(f"distexec-worker joined {args.join} as worker {g.myid}", flush=True)
     g.exit_requested.wait()
-    _shutdown(g)
+    from ._custom import exit_now
+
+    exit_now(_remove_private_dirs)
 
 
-def _shutdown(g: object) -> NoReturn:
+def _remove_private_dirs() -> None:
     for path in _cleanup:
         shutil.rmtree(path, ignore_errors=True)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(0)
 
 
 if __name__ == "__main__":
