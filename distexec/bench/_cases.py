@@ -194,6 +194,46 @@ register_case(
     )
 )
 
+register_case(
+    Case(
+        name="caching_pool",
+        title="a closure over a large array through a CachingPool, against a module-level function",
+        params=lambda s: {
+            "workers": WORKERS,
+            "array_bytes": 10_000_000 if s.quick else 50_000_000,
+            "calls": 100,
+            "rounds": 2 if s.quick else 5,
+        },
+        metrics=lambda p: (
+            Metric("cold_ms", "cold ms", "lower", ratio="cold"),
+            Metric("warm_ms", "warm ms", "lower"),
+            Metric("ship_ms", "ship ms", "lower"),
+            Metric("plain_ms", "plain ms", "lower"),
+            Metric("cold_ratio", "cold÷(ship+plain)", "lower"),
+            Metric("warm_ratio", "warm÷plain", "lower"),
+            Metric("cold_vs_plain", "cold÷plain", "lower", show_range=False),
+            Metric("cold_MB", "cold MB sent", show_range=False),
+            Metric("crossings", "closure crossings", summary="mode"),
+        ),
+        explain=lambda p: (
+            f"a = {p['array_bytes'] / 1e6:g} MB of float64 on pid 1, {p['workers']} workers, "
+            f"{p['calls']} calls per figure, each pmap(f, range({p['calls']}), pool=...) with "
+            "batch_size=1. cold = a fresh CachingPool, f = a closure returning float(a[i]): "
+            "the closure (and a) ships once per worker inside the timing; warm = "
+            f"{p['calls']} more calls through that pool. The module-level way, by hand: "
+            "ship = remotecall(stash, pid, a) on every worker until all answered (what "
+            "@everywhere does); plain = a WorkerPool, f = stashed_item, a module-level "
+            "function returning float(a[i]) of the stashed array. Targets: cold÷(ship+plain) "
+            "and warm÷plain ≤ 1.2. cold÷plain leaves the data's transfer on one side only. "
+            "cold MB sent: bytes pid 1 sent during cold; crossings: (cold - warm bytes) ÷ "
+            f"array bytes, {p['workers']} = once per worker. Per driver: one untimed round "
+            f"(the workers import numpy), then {p['rounds']} rounds, the CachingPool and "
+            "the by-hand way in an order alternating per round (median of rounds)."
+        ),
+        timeout_s=120.0,
+    )
+)
+
 
 # -- opt-in: over SSH (``--cases all`` or by name; they start their own sshd) -----------------
 

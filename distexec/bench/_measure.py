@@ -1,7 +1,7 @@
 """The measurements, registered per (case, backend).
 
 Layer: tooling (``python -m distexec.bench``). Imports: stdlib and the bench's own modules;
-numpy inside the bandwidth case, ``_sshd`` inside the SSH cases.
+numpy inside the bandwidth and caching_pool cases, ``_sshd`` inside the SSH cases.
 
 ``lookup(case, backend)`` returns the function registered for exactly that pair, else the one
 registered for ``"*"`` (every backend), else None (the cell reads ``n/a``). A measurement gets a
@@ -217,6 +217,106 @@ def startup(b: Backend, p: Mapping[str, Any]) -> Outcome:
             "teardown_ms": (t3 - t2) * 1e3,
         },
         {"worker_pids": pids},
+    )
+
+
+def _closure_over(a: Any) -> Callable[[int], float]:
+    """A function that pickles by value and carries *a* along, as a user's lambda does."""
+
+    def item(i: int) -> float:
+        return float(a[i])
+
+    return item
+
+
+@measure("caching_pool", backends=("distexec",))
+def caching_pool(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """A closure over an array through a fresh CachingPool (cold, then warm), against a
+    module-level function through a WorkerPool after the array was stashed by hand."""
+    try:
+        import numpy as np
+    except ImportError:
+        raise BenchUnavailable("numpy not installed") from None
+    dx = importlib.import_module("distexec")
+    pids = [w for w in dx.workers() if w != 1]
+    size = p["array_bytes"]
+    a = np.arange(size // 8, dtype=np.float64)
+    f = _closure_over(a)
+    idx = range(p["calls"])
+    want = [float(x) for x in a[: p["calls"]]]
+    clock = time.perf_counter
+
+    def sent() -> int:
+        return int(dx.statistics().bytes_sent)
+
+    def check(what: str, out: list[Any]) -> None:
+        if out != want:
+            raise AssertionError(f"{what}: pmap returned a different list")
+
+    def caching() -> dict[str, float]:
+        pool = dx.CachingPool(pids)
+        try:
+            b0 = sent()
+            t0 = clock()
+            cold = dx.pmap(f, idx, pool=pool)
+            t1 = clock()
+            b1 = sent()
+            warm = dx.pmap(f, idx, pool=pool)
+            t2 = clock()
+            b2 = sent()
+        finally:
+            pool.clear()
+        check("cold", cold)
+        check("warm", warm)
+        return {"cold": t1 - t0, "warm": t2 - t1, "cold_b": b1 - b0, "warm_b": b2 - b1}
+
+    def by_hand() -> dict[str, float]:
+        pool = dx.WorkerPool(pids)
+        b0 = sent()
+        t0 = clock()
+        shipped = [dx.fetch(fut) for fut in [dx.remotecall(b.tasks.stash, w, a) for w in pids]]
+        t1 = clock()
+        plain = dx.pmap(b.tasks.stashed_item, idx, pool=pool)
+        t2 = clock()
+        b2 = sent()
+        for w in pids:
+            dx.remotecall_fetch(b.tasks.unstash, w)
+        if shipped != [a.nbytes] * len(pids):
+            raise AssertionError(f"stash(a) answered {shipped}")
+        check("plain", plain)
+        return {"ship": t1 - t0, "plain": t2 - t1, "hand_b": b2 - b0}
+
+    caching()  # untimed: the workers import numpy, pages are touched once
+    by_hand()
+    rounds: list[dict[str, float]] = []
+    for r in range(p["rounds"]):
+        first, second = (caching, by_hand) if r % 2 == 0 else (by_hand, caching)
+        rounds.append({**first(), **second()})
+
+    def med(fn: Callable[[dict[str, float]], float]) -> float:
+        return statistics.median(fn(x) for x in rounds)
+
+    crossings = med(lambda x: (x["cold_b"] - x["warm_b"]) / size)
+    return Outcome(
+        {
+            "cold_ms": med(lambda x: x["cold"]) * 1e3,
+            "warm_ms": med(lambda x: x["warm"]) * 1e3,
+            "ship_ms": med(lambda x: x["ship"]) * 1e3,
+            "plain_ms": med(lambda x: x["plain"]) * 1e3,
+            "cold_ratio": med(lambda x: x["cold"] / (x["ship"] + x["plain"])),
+            "warm_ratio": med(lambda x: x["warm"] / x["plain"]),
+            "cold_vs_plain": med(lambda x: x["cold"] / x["plain"]),
+            "cold_MB": med(lambda x: x["cold_b"]) / 1e6,
+            "crossings": round(crossings),
+        },
+        {
+            "workers": pids,
+            "crossings_exact": crossings,
+            "rounds_ms": [
+                {k: v * 1e3 for k, v in x.items() if not k.endswith("_b")} for x in rounds
+            ],
+            "bytes_sent": [{k: v for k, v in x.items() if k.endswith("_b")} for x in rounds],
+        },
     )
 
 

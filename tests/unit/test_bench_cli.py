@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -94,6 +95,34 @@ def test_quick_latency_json_is_complete_and_consistent() -> None:
         assert positions[1] == [2, 0, 1]
     markers = [r["marker"] for b in QUICK_BACKENDS for r in backends[b]["runs"]]
     assert all(_procs.carrying(MARKER_ENV, m) == [] for m in markers)
+
+
+@pytest.mark.timeout(120)
+def test_quick_caching_pool_ships_the_closure_once_per_worker() -> None:
+    pytest.importorskip("numpy")
+    proc = _run_bench(
+        "--quick", "--reps", "1", "--cases", "caching_pool", "--backends", "ppe,distexec", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["reaped"] == []
+    case = doc["cases"]["caching_pool"]
+    assert case["backends"]["ppe"]["error"].startswith("n/a")
+    entry = case["backends"]["distexec"]
+    assert entry["reps_ok"] == 1, entry["runs"]
+    [run] = entry["runs"]
+    assert run["leftover"] == []
+    m, params = run["metrics"], case["params"]
+    assert m["crossings"] == params["workers"] == 2
+    # the array once to each worker, and little else: the warm calls carry no array
+    assert 2 * params["array_bytes"] <= m["cold_MB"] * 1e6 < 2 * params["array_bytes"] + 1e6
+    assert all(b["warm_b"] < 1e6 for b in run["info"]["bytes_sent"])
+    for key in ("cold_ms", "warm_ms", "ship_ms", "plain_ms", "cold_ratio", "warm_ratio"):
+        assert m[key] > 0
+    assert m["cold_ratio"] == pytest.approx(
+        statistics.median(r["cold"] / (r["ship"] + r["plain"]) for r in run["info"]["rounds_ms"])
+    )
+    assert "closure crossings" in render(doc)
 
 
 @pytest.mark.timeout(60)
