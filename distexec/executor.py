@@ -21,6 +21,16 @@ futures that work with ``wait``, ``as_completed``, ``asyncio.wrap_future`` and
 
 ``mp_context`` is accepted and ignored: workers are always fresh interpreters started by
 distexec (like the ``spawn`` start method), whatever the context says.
+
+Code (and CPython's own tests) that reads ``ProcessPoolExecutor``'s private state finds the
+same names here, with the same meaning: ``_processes`` ({OS pid: process handle} of the
+workers the executor owns, the same dict for the executor's whole life), ``_max_workers``,
+``_mp_context`` (the context given, else ``spawn``: what the workers are),
+``_executor_manager_thread`` (a real thread, which ends once the executor is shut down or
+garbage collected), ``_call_queue`` (the calls not yet sent; ``join_thread()`` waits until
+everything has been sent) and ``_broken`` (``False``, or why the executor is broken).
+As with ``ProcessPoolExecutor``, an executor that is dropped without ``shutdown()`` finishes
+what was submitted, then stops its workers.
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ import collections
 import concurrent.futures as cf
 import heapq
 import itertools
+import multiprocessing
 import os
+import subprocess
 import threading
 import time
 import weakref
@@ -37,6 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import _base
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from dataclasses import dataclass
+from multiprocessing.context import BaseContext
 from typing import Any
 
 from . import _api, _cluster, _timeouts
@@ -131,6 +144,80 @@ class ExecutorStatistics:
     requeued: int = 0  # calls sent again because the executor killed their worker, or unsent
 
 
+class _WorkerProcess:
+    """One worker process of an executor, as ``ProcessPoolExecutor._processes`` holds its
+    ``multiprocessing.Process`` objects: ``pid`` (the OS pid), ``is_alive()``, ``join()``,
+    ``terminate()``, ``kill()``, ``exitcode``. ``worker_id`` is its distexec pid."""
+
+    __slots__ = ("_popen", "worker_id")
+
+    def __init__(self, worker_id: WorkerId, popen: subprocess.Popen[bytes]) -> None:
+        self.worker_id = worker_id
+        self._popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def name(self) -> str:
+        return f"distexec-worker-{self.worker_id}"
+
+    @property
+    def exitcode(self) -> int | None:
+        """``None`` while it runs; its exit status, or ``-signal``, once it has exited."""
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the process exits, or *timeout* seconds."""
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        """SIGTERM; the executor sees the worker die (and replaces it, or breaks)."""
+        self._popen.terminate()
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+    def __repr__(self) -> str:
+        code = self.exitcode
+        state = "started" if code is None else f"stopped exitcode={code}"
+        return f"<_WorkerProcess {self.name} pid={self.pid} {state}>"
+
+
+class _CallQueue:
+    """``ProcessPoolExecutor._call_queue``'s counterpart: the calls submitted and not yet
+    sent to a worker. There is no feeder thread (calls are sent as they are dispatched), so
+    ``join_thread()`` waits for the thread that sends the last of them, the manager thread,
+    which ends once the executor is shut down and its work is done. Holds no reference to
+    the executor, so it does not keep a dropped executor alive."""
+
+    def __init__(self, queue: collections.deque[_Item]) -> None:
+        self._queue = queue
+        self._thread: threading.Thread | None = None
+
+    def qsize(self) -> int:
+        return len(self._queue)
+
+    def empty(self) -> bool:
+        return not self._queue
+
+    def close(self) -> None:
+        """Nothing to close: the executor's shutdown stops sending."""
+
+    def join_thread(self) -> None:
+        """Wait until the executor has sent every call it will send (its manager has ended)."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
 class _Item:
     """One submitted call: its future, its pickled message, and where it runs."""
 
@@ -222,6 +309,10 @@ class DistributedExecutor(cf.Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         self._max_workers = max_workers
+        # What the workers are, whatever was asked: fresh interpreters, as with spawn.
+        self._mp_context: BaseContext = (
+            mp_context if mp_context is not None else multiprocessing.get_context("spawn")
+        )
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._max_tasks = max_tasks_per_child
@@ -260,6 +351,12 @@ class DistributedExecutor(cf.Executor):
         self._hit: set[int] = set()  # call ids an interrupt for a cancel also reached
         self._dead: set[WorkerId] = set()  # found gone while sending; the lost-hook follows
         self._sending: _Item | None = None  # the call being handed to send_call
+        # ProcessPoolExecutor's names for its state (see the module docstring); one dict for
+        # the executor's life, so a reference taken early sees every worker it ever owned.
+        self._processes: dict[int, _WorkerProcess] = {}  # OS pid -> handle, owned workers
+        self._os_pids: dict[WorkerId, int] = {}
+        self._call_queue = _CallQueue(self._queue)
+        self._hook: Callable[[WorkerId], None] | None = None  # our on_peer_lost entry
 
         if pool is not None:
             pids = pool.workers() if isinstance(pool, AbstractWorkerPool) else list(pool)
@@ -270,7 +367,6 @@ class DistributedExecutor(cf.Executor):
         else:
             self._given = None
         _live_executors.add(self)
-        self._g.on_peer_lost.append(self._peer_lost_hook)
 
     # ------------------------------------------------------------------ public API
 
@@ -341,20 +437,24 @@ class DistributedExecutor(cf.Executor):
                 return self.submit(fn, *chunk[0]) if star else self.submit(fn, chunk[0])
             return self.submit(_run_batch, fn, chunk, star)
 
+        # Only a buffered map submits more as it goes, so only then does the iterator hold
+        # the executor (an unbuffered one must not keep a dropped executor alive).
+        refill: Callable[[list[Any]], cf.Future[Any]] | None = None
         if buffersize is None:
             fs = collections.deque(submit_chunk(c) for c in chunks)
-            pending: Iterator[list[Any]] = iter(())
         else:
             fs = collections.deque(submit_chunk(c) for c in itertools.islice(chunks, buffersize))
-            pending = chunks
+            refill = submit_chunk
+        del submit_chunk
 
         def results() -> Iterator[Any]:
             try:
                 # No local keeps a future or a value while we yield: the caller's reference
                 # is the only one (CPython's issue #14406).
                 while fs:
-                    for nxt in itertools.islice(pending, 1):
-                        fs.append(submit_chunk(nxt))
+                    if refill is not None:
+                        for nxt in itertools.islice(chunks, 1):
+                            fs.append(refill(nxt))
                     remaining = None if end_time is None else end_time - time.monotonic()
                     if chunksize == 1:
                         try:
@@ -435,6 +535,12 @@ class DistributedExecutor(cf.Executor):
         with self._lock:
             return sorted(self._slots)
 
+    @property
+    def _executor_manager_thread(self) -> threading.Thread | None:
+        """The thread that starts, replaces and stops the workers (``None`` before the first
+        submit); it ends once the executor is shut down, or dropped, and its work is done."""
+        return self._manager
+
     def __repr__(self) -> str:
         with self._lock:
             state = "broken" if self._broken else "shutdown" if self._shutdown else "running"
@@ -452,7 +558,17 @@ class DistributedExecutor(cf.Executor):
                 self._slots[pid] = 0
         else:
             self._want_workers = self._max_workers
-        self._manager = threading.Thread(target=self._manage, name="distexec-executor", daemon=True)
+        # The cluster and the manager thread hold the executor weakly: one that is dropped
+        # without shutdown() is collected once its work is done, and then stops its workers.
+        events = self._events
+        ref = weakref.ref(self, lambda _: _notify(events))
+        self._hook = _weak_hook(ref)
+        self._g.on_peer_lost.append(self._hook)
+        stop = _stopper(self._lock, self._owned, self._slots, self._g, self._hook)
+        self._manager = threading.Thread(
+            target=_manage, args=(ref, events, stop), name="distexec-executor", daemon=True
+        )
+        self._call_queue._thread = self._manager
         self._manager.start()
 
     def _dispatch_locked(self) -> None:
@@ -672,45 +788,41 @@ class DistributedExecutor(cf.Executor):
 
     # ------------------------------------------------------------------ the manager thread
 
-    def _manage(self) -> None:
-        """Start and replace workers, release retries, and wind down at shutdown."""
-        try:
-            while True:
-                if self._deadlines:
-                    self._expire_deadlines()
-                with self._lock:
-                    now = time.monotonic()
-                    while self._retry_heap and self._retry_heap[0][0] <= now:
-                        _, _, item = heapq.heappop(self._retry_heap)
-                        self._requeue(item)
-                    self._dispatch_locked()
-                    self._reap_retired_locked()
-                    want = self._want_workers
-                    if (
-                        self._shutdown
-                        and not self._queue
-                        and not self._running
-                        and (not self._retry_heap)
-                    ):
-                        break
-                    if self._broken:
-                        self._fail_all_locked()
-                        if self._shutdown:
-                            break
-                    if want <= 0:
-                        wait = None
-                        if self._retry_heap:
-                            wait = max(0.0, self._retry_heap[0][0] - time.monotonic())
-                        if self._deadlines:
-                            due = max(0.0, self._deadlines[0][0] - time.monotonic())
-                            wait = due if wait is None else min(wait, due)
-                        self._events.wait(wait if wait is not None else 1.0)
-                        continue
-                    self._want_workers = 0
-                if not self._broken:
-                    self._add_workers(want)
-        finally:
-            self._stop_workers()
+    def _plan_locked(self) -> int | float | None:
+        """One round of the manager thread, under the lock: release retries, send what can
+        be sent, retire workers. Returns how many workers to start (an int > 0), how long to
+        wait for the next event (a float; the caller waits without letting go of the lock
+        in between, so no notification is lost), or ``None`` to stop."""
+        now = time.monotonic()
+        while self._retry_heap and self._retry_heap[0][0] <= now:
+            _, _, item = heapq.heappop(self._retry_heap)
+            self._requeue(item)
+        self._dispatch_locked()
+        self._reap_retired_locked()
+        want = self._want_workers
+        if self._shutdown and not self._queue and not self._running and not self._retry_heap:
+            return None
+        if self._broken:
+            self._fail_all_locked()
+            if self._shutdown:
+                return None
+        if want > 0 and not self._broken:
+            self._want_workers = 0
+            return want
+        self._want_workers = 0 if self._broken else want
+        wait = 1.0
+        if self._retry_heap:
+            wait = min(wait, max(0.0, self._retry_heap[0][0] - now))
+        if self._deadlines:
+            if not self._running:
+                self._deadlines.clear()  # all stale (and they hold calls, so the executor)
+            else:
+                wait = min(wait, max(0.0, self._deadlines[0][0] - now))
+        return wait
+
+    def _idle_locked(self) -> bool:
+        """Nothing queued, running or waiting to retry: the manager may let go of us."""
+        return not (self._queue or self._running or self._retry_heap or self._want_workers)
 
     def _requeue(self, item: _Item) -> None:
         """A retry goes out as a new call (new id); its future stays RUNNING."""
@@ -730,7 +842,17 @@ class DistributedExecutor(cf.Executor):
             return
         with self._lock:
             self._owned.update(pids)  # ours from now on, so shutdown removes them all
+            for pid in pids:
+                self._register_process_locked(pid)
+        # As multiprocessing gives a child it spawns: this process's authkey, so that the
+        # proxies of a multiprocessing Manager started here work in the calls (and the
+        # initializer). Our workers are local: the key does not leave this machine.
+        authkey = bytes(multiprocessing.current_process().authkey)
         for pid in pids:
+            try:
+                remotecall_fetch(_take_authkey, pid, authkey)
+            except Exception:
+                pass  # it died: the lost-hook replaces it
             if self._initializer is not None:
                 try:
                     remotecall_fetch(self._initializer, pid, *self._initargs)
@@ -750,12 +872,28 @@ class DistributedExecutor(cf.Executor):
                 self._slots[pid] = 0
             self._dispatch_locked()
 
+    def _register_process_locked(self, pid: WorkerId) -> None:
+        """Put worker *pid*'s process in ``_processes`` (local workers: all we start)."""
+        peer = self._g.peer(pid)
+        popen = peer.config.process if peer is not None and peer.config is not None else None
+        if isinstance(popen, subprocess.Popen):
+            self._os_pids[pid] = popen.pid
+            self._processes[popen.pid] = _WorkerProcess(pid, popen)
+
+    def _unregister_process_locked(self, pid: WorkerId) -> None:
+        """Worker *pid* is no longer ours to use (retired, or gone): it leaves ``_processes``,
+        as an exited worker leaves ``ProcessPoolExecutor``'s."""
+        ospid = self._os_pids.pop(pid, None)
+        if ospid is not None:
+            self._processes.pop(ospid, None)
+
     def _reap_retired_locked(self) -> None:
         done = [p for p in self._retiring if self._slots.get(p, 0) == 0]
         for pid in done:
             self._retiring.discard(pid)
             self._slots.pop(pid, None)
             self._owned.discard(pid)
+            self._unregister_process_locked(pid)
             threading.Thread(target=_quiet_rmprocs, args=(pid,), daemon=True).start()
 
     def _fail_all_locked(self) -> None:
@@ -783,6 +921,7 @@ class DistributedExecutor(cf.Executor):
             self._retiring.discard(pid)
             if pid in self._owned:
                 self._owned.discard(pid)
+                self._unregister_process_locked(pid)
                 if self._break_on_death:
                     self._broken = (
                         "A process in the process pool was terminated abruptly while the "
@@ -795,21 +934,95 @@ class DistributedExecutor(cf.Executor):
             self._events.notify_all()
 
     def _stop_workers(self) -> None:
-        with self._lock:
-            owned = sorted(self._owned)
-            self._owned.clear()
-            for pid in owned:
-                self._slots.pop(pid, None)
-        if owned:
-            _quiet_rmprocs(*owned)
-        try:
-            self._g.on_peer_lost.remove(self._peer_lost_hook)
-        except ValueError:
-            pass
+        if self._hook is None:  # never started: no workers, no hook
+            return
+        _stopper(self._lock, self._owned, self._slots, self._g, self._hook)()
 
     def _at_interpreter_exit(self) -> None:
         # As ProcessPoolExecutor does at exit: finish the work already submitted.
         self.shutdown(wait=True)
+
+
+def _manage(
+    ref: weakref.ref[DistributedExecutor], events: threading.Condition, stop: Callable[[], None]
+) -> None:
+    """The manager thread: start and replace workers, release retries, and wind down at
+    shutdown. It holds its executor only while the executor has work: an idle executor
+    that nobody else holds is collected, and then this stops its workers, as
+    ``ProcessPoolExecutor``'s manager thread does when its executor is collected."""
+    exe = ref()
+    try:
+        while exe is not None:
+            if exe._deadlines:
+                exe._expire_deadlines()  # kills workers: outside the lock
+            with events:
+                step = exe._plan_locked()
+                if step is None:
+                    return
+                if isinstance(step, float):
+                    if exe._idle_locked():
+                        exe = None  # (the executor may be collected right here)
+                        if ref() is None:
+                            return
+                        events.wait(step)
+                        exe = ref()
+                    else:
+                        events.wait(step)
+                    continue
+            exe._add_workers(step)
+    finally:
+        if exe is not None:
+            exe._stop_workers()
+        else:
+            stop()
+
+
+def _take_authkey(key: bytes) -> None:
+    """On a worker: take the executor's process's multiprocessing authkey (as a spawned
+    multiprocessing child does)."""
+    multiprocessing.current_process().authkey = key
+
+
+def _notify(events: threading.Condition) -> None:
+    with events:
+        events.notify_all()
+
+
+def _weak_hook(ref: weakref.ref[DistributedExecutor]) -> Callable[[WorkerId], None]:
+    """An ``on_peer_lost`` hook that does not keep the executor alive."""
+
+    def hook(pid: WorkerId) -> None:
+        exe = ref()
+        if exe is not None:
+            exe._peer_lost_hook(pid)
+
+    return hook
+
+
+def _stopper(
+    lock: threading.RLock,
+    owned: set[WorkerId],
+    slots: dict[WorkerId, int],
+    g: _cluster.ProcessGroup,
+    hook: Callable[[WorkerId], None],
+) -> Callable[[], None]:
+    """Stop the workers an executor owns and unhook it from the cluster; needs only the
+    executor's parts, so it also runs after the executor itself was collected."""
+
+    def stop() -> None:
+        with lock:
+            pids = sorted(owned)
+            owned.clear()
+            for pid in pids:
+                slots.pop(pid, None)
+        if pids:
+            _quiet_rmprocs(*pids)
+        try:
+            g.on_peer_lost.remove(hook)
+        except ValueError:
+            pass
+
+    return stop
 
 
 _turn = threading.Condition()  # guards: _serving, _given, _abandoned

@@ -26,10 +26,9 @@ never copied into this repository. How it is run:
   ``futures.ProcessPoolExecutor(...)`` call in the tests. The tests that start a child
   interpreter with ``from concurrent.futures import {executor_type.__name__}`` get it there too:
   the child runner lets ``assert_python_ok`` pass the environment on (no ``-I``).
-* Only the process-pool variants run (classes whose mixin has a start method ``ctx``). The
-  default is the ``spawn`` variant alone: ``DistributedExecutor`` ignores ``mp_context``, and
-  spawn's semantics (fresh interpreters started on demand, ``max_tasks_per_child`` allowed) are
-  the ones its workers have. ``--start-methods all`` runs the three variants, as CPython does.
+* Only the process-pool variants run (classes whose mixin has a start method ``ctx``), by
+  default all three (fork, forkserver, spawn), as CPython does: ``DistributedExecutor`` ignores
+  ``mp_context``, but the tests are the suite's and count. ``--start-methods spawn`` runs one.
 * Each test runs in its own child process and process group (``python -m
   compat.cpython._child run ID``), ``--jobs`` at a time (2: the machines have 2 cores), with a
   per-test ``--timeout``. A child past it gets SIGUSR1 (faulthandler dumps its threads into
@@ -39,9 +38,10 @@ never copied into this repository. How it is run:
   ``MAX_RERUNS`` failed; ``--no-rerun`` turns it off.
 * ``expected_failures.py`` (id -> reason) is applied strictly: a listed test that passes, is
   skipped, or does not exist is as much a failure as an unlisted test that fails.
-* Totals are reported twice: all tests, and the tests whose source does not read a private
-  attribute of ``ProcessPoolExecutor`` (``_processes``, ``_executor_manager_thread``, ...), which
-  a drop-in cannot be expected to have.
+* Totals are reported twice, over all variants and then per variant: all tests, and the tests
+  whose source does not read a private attribute of ``ProcessPoolExecutor`` (``_processes``,
+  ``_executor_manager_thread``, ...), which a drop-in cannot be expected to have
+  (``DistributedExecutor`` has most of them, with their meaning).
 
 Exit status: 0 when every outcome is as expected, 1 when some are not, 2 when the harness could
 not run (suite missing, executor missing, discovery failed).
@@ -521,16 +521,35 @@ def report(records: Sequence[RunRecord], judgements: Sequence[Judgement]) -> str
             f"\nrun again alone after failing alongside others: {len(rerun)};"
             f" {passed} passed or skipped then, and count as such (see the notes)"
         )
-    public = [r for r in records if not r.test.private_attrs]
+    out.append("\ntotals (failed = failed + error + timeout + crashed):")
+    out.extend(_totals_block(records, ""))
+    methods = [m for m in START_METHODS if any(r.test.start_method == m for r in records)]
+    if len(methods) > 1:
+        for method in methods:
+            variant = [r for r in records if r.test.start_method == method]
+            out.extend(_totals_block(variant, f"{method} variant, "))
     private = [r for r in records if r.test.private_attrs]
     reads = Counter(name for r in private for name in r.test.private_attrs)
-    out.append("\ntotals (failed = failed + error + timeout + crashed):")
-    out.append(f"  all tests:                        {totals_line(records)}")
-    out.append(f"  not reading private attributes:   {totals_line(public)}")
-    out.append(f"  reading private attributes:       {totals_line(private)}")
     if reads:
-        out.append("    (" + ", ".join(f"{name} in {n}" for name, n in reads.most_common()) + ")")
+        out.append(
+            "  (private reads: "
+            + ", ".join(f"{name} in {n}" for name, n in reads.most_common())
+            + ")"
+        )
     return "\n".join(out)
+
+
+def _totals_block(records: Sequence[RunRecord], label: str) -> list[str]:
+    """Three totals lines: all tests, those reading no private attribute, the others."""
+    public = [r for r in records if not r.test.private_attrs]
+    private = [r for r in records if r.test.private_attrs]
+    rows = [
+        ("all tests:", records),
+        ("not reading private attributes:", public),
+        ("reading private attributes:", private),
+    ]
+    width = len(label) + 33
+    return [f"  {(label + title).ljust(width)} {totals_line(rs)}" for title, rs in rows]
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -552,9 +571,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--start-methods",
-        default="spawn",
+        default="all",
         metavar="LIST|all",
-        help="comma-separated variants to run, of fork, forkserver, spawn (default: spawn)",
+        help="comma-separated variants to run, of fork, forkserver, spawn (default: all)",
     )
     parser.add_argument(
         "-k",

@@ -236,3 +236,72 @@ def test_statistics(executor: DistributedExecutor) -> None:
     s = executor.statistics()
     assert s.live_workers == 2 and s.running == 0 and s.pending == 0
     assert s.completed >= 1
+
+
+# --- ProcessPoolExecutor's private names, with their meaning (CPython's own tests read them) --
+
+
+def test_processes_are_the_owned_workers_by_os_pid(no_leaked_workers: None) -> None:
+    with DistributedExecutor(2, max_tasks_per_child=2) as ex:
+        processes = ex._processes  # the same dict for the executor's whole life
+        assert processes == {} and ex._executor_manager_thread is None
+        first = ex.submit(os.getpid).result(timeout=30)
+        assert first in processes and len(processes) == 2
+        assert all(p.is_alive() and p.exitcode is None for p in processes.values())
+        for _ in range(4):  # both workers reach max_tasks_per_child: each is replaced
+            ex.submit(os.getpid).result(timeout=30)
+        helpers.wait_until(lambda: first not in processes, timeout=30, what="the retirement")
+        helpers.wait_until(lambda: len(processes) == 2, timeout=30, what="the replacements")
+        held = list(processes.values())
+    for p in held:
+        p.join(timeout=30)
+        assert not p.is_alive() and p.exitcode is not None
+
+
+def test_terminating_a_process_is_a_worker_death(no_leaked_workers: None) -> None:
+    with DistributedExecutor(1) as ex:
+        slow = ex.submit(time.sleep, 30)
+        helpers.wait_until(lambda: len(ex._processes) == 1, timeout=30, what="the worker")
+        [proc] = ex._processes.values()
+        helpers.wait_until(slow.running, timeout=30, what="the call to start")
+        proc.terminate()
+        with pytest.raises(BrokenProcessPool):
+            slow.result(timeout=30)
+        assert ex.submit(abs, -2).result(timeout=30) == 2  # replaced: the pool goes on
+        assert proc.pid not in ex._processes
+
+
+def test_a_dropped_executor_finishes_its_work_then_stops(no_leaked_workers: None) -> None:
+    import gc
+
+    ex = DistributedExecutor(2)
+    results = ex.map(abs, range(-5, 5))
+    manager, processes, calls = ex._executor_manager_thread, ex._processes, ex._call_queue
+    assert manager is not None
+    del ex
+    gc.collect()
+    manager.join(timeout=30)
+    assert not manager.is_alive()
+    for p in processes.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+    calls.join_thread()
+    assert list(results) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+
+
+def test_mp_context_is_what_the_workers_are() -> None:
+    import multiprocessing
+
+    assert DistributedExecutor(1)._mp_context.get_start_method() == "spawn"
+    forkserver = multiprocessing.get_context("forkserver")
+    assert DistributedExecutor(1, mp_context=forkserver)._mp_context is forkserver
+
+
+def test_multiprocessing_manager_proxies_reach_the_workers(no_leaked_workers: None) -> None:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Manager() as manager:
+        shared = manager.dict()
+        with DistributedExecutor(1) as ex:
+            ex.submit(shared.__setitem__, "k", 7).result(timeout=30)
+        assert shared["k"] == 7
