@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import os
 import secrets
+import select
 import socket
 import sys
 import threading
@@ -130,6 +131,12 @@ _INLINE_GRACE = 0.002
 _INLINE_POLL = 0.001  # how often the watchdog looks while calls run inline
 _IDLE_POLL = 0.01  # ... and while none does
 
+# Who reads a link (``Connection.reading``): a reader thread; nobody, because the link is
+# quiet (the watchdog polls it and starts a reader when a message comes); or a thread that
+# waits for its own reply and reads the link itself meanwhile, so that the reply costs it no
+# thread hand-off (``_read_for``). Changes under ``ProcessGroup._read_lock``.
+_THREAD, _IDLE, _CALLER = 0, 1, 2
+
 _tls = threading.local()
 
 
@@ -221,6 +228,9 @@ class ProcessGroup:
         self._inline: set[_Inline] = set()  # calls readers run themselves
         self._inline_lock = threading.Lock()  # guards: _inline, _Inline.promoted, _watchdog
         self._watchdog: threading.Thread | None = None
+        self._read_lock = threading.Lock()  # guards: Connection.reading, _idle, _poll
+        self._idle: dict[int, tuple[Peer, Connection]] = {}  # fd -> a link nobody reads
+        self._poll: Any = None  # select.epoll of the _idle links, made with the watchdog
         self.listen_address: Any = None
         self._listener: socket.socket | None = None
         self.joined = threading.Event()
@@ -309,6 +319,7 @@ class ProcessGroup:
     # ------------------------------------------------------------------ connections
 
     def _start_reader(self, peer: Peer, conn: Connection) -> None:
+        conn.reading = _THREAD
         self.runner.submit(self._read_loop, peer, conn)
 
     def connection_to(self, pid: WorkerId) -> Connection:
@@ -762,7 +773,18 @@ class ProcessGroup:
         """
         cid, parts = self.prepare_call(fn, args, kwargs)
         reply = Reply(pid)
-        self.send_call(pid, cid, parts, reply)
+        # A quiet link: this thread reads the reply itself (taken before sending, or the
+        # watchdog could see the reply first and start a reader).
+        peer = self._peers.get(pid)
+        conn = None if peer is None or timeout is not None else peer.conn
+        if conn is not None and conn.reading == _IDLE and self._take_read(conn):
+            assert peer is not None
+            try:
+                self.send_call(pid, cid, parts, reply)
+            finally:
+                self._read_for(peer, conn, reply._lock)
+        else:
+            self.send_call(pid, cid, parts, reply)
         if not reply.wait(timeout):
             peer = self._peers.get(pid)
             if peer is not None:
@@ -884,7 +906,14 @@ class ProcessGroup:
                     if self._run_inline(peer, conn, call, frame.response_id):
                         return  # a follower reads on
                     continue
-                self._dispatch(peer, conn, frame)
+                if (
+                    self._dispatch(peer, conn, frame)
+                    and not (peer.pending or peer.awaiting or conn.buffered)
+                    and self._go_idle(peer, conn)
+                ):
+                    # It answered a blocking call, and nothing else is expected: the link
+                    # is quiet until the next such call, whose thread reads it itself.
+                    return
         except ProtocolError as exc:  # before OSError: a ProtocolError is a ConnectionError
             error = exc
             _log(f"closing the link to {_who(peer.pid)}: {exc}")
@@ -901,10 +930,7 @@ class ProcessGroup:
         with self._inline_lock:
             self._inline.add(tok)
             if self._watchdog is None:
-                self._watchdog = threading.Thread(
-                    target=self._watch_inline, name="distexec-inline-watch", daemon=True
-                )
-                self._watchdog.start()
+                self._start_watchdog()
         _tls.inline = tok
         try:
             self._execute(peer, call, response_id)
@@ -922,10 +948,24 @@ class ProcessGroup:
             tok.promoted = True
         self.runner.submit(self._read_loop, tok.peer, tok.conn)
 
-    def _watch_inline(self) -> None:
-        """Promote a follower for every call that runs inline longer than the grace."""
+    def _start_watchdog(self) -> None:
+        """Start the thread that promotes followers and polls quiet links (under _inline_lock)."""
+        if hasattr(select, "epoll"):
+            self._poll = select.epoll()
+        self._watchdog = threading.Thread(target=self._watch, name="distexec-watch", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Start a reader for every quiet link a message arrives on, and promote a follower
+        for every call that runs inline longer than the grace."""
+        poll = self._poll
         while True:
-            time.sleep(_INLINE_POLL if self._inline else _IDLE_POLL)
+            wait = _INLINE_POLL if self._inline else _IDLE_POLL
+            if poll is None:
+                time.sleep(wait)
+            else:
+                for fd, _events in poll.poll(wait):
+                    self._wake_idle(fd)
             if not self._inline:
                 continue
             now = time.monotonic()
@@ -933,6 +973,105 @@ class ProcessGroup:
                 late = [t for t in self._inline if now - t.started >= _INLINE_GRACE]
             for tok in late:
                 self._promote(tok)
+
+    # -- who reads a link: a thread, nobody (quiet, polled), or a caller for its own reply
+
+    def _go_idle(self, peer: Peer, conn: Connection) -> bool:
+        """Stop reading *conn*, quiet and expecting nothing: the watchdog polls it from now on.
+        False if it cannot be polled (TLS, custom streams) or is going: keep reading it."""
+        if conn.idle_fd() is None:
+            return False
+        with self._inline_lock:
+            if self._watchdog is None:
+                self._start_watchdog()
+        poll = self._poll
+        if poll is None:
+            return False
+        with self._read_lock:
+            fd = conn.idle_fd()
+            if fd is None or peer.conn is not conn or peer.state is not PeerState.CONNECTED:
+                return False
+            conn.reading = _IDLE
+            self._idle[fd] = (peer, conn)
+            poll.register(fd, select.EPOLLIN)
+        return True
+
+    def _unpoll(self, fd: int) -> None:
+        try:
+            self._poll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # closed meanwhile: epoll forgot it by itself
+
+    def _wake_idle(self, fd: int) -> None:
+        """A message (or EOF) arrived on a quiet link: a reader thread takes it."""
+        with self._read_lock:
+            entry = self._idle.pop(fd, None)
+            if entry is None:
+                return  # a caller took the link first
+            self._unpoll(fd)
+            peer, conn = entry
+            conn.reading = _THREAD
+        self.runner.submit(self._read_loop, peer, conn)
+
+    def _take_read(self, conn: Connection) -> bool:
+        """Make this thread *conn*'s reader if nobody reads it now."""
+        with self._read_lock:
+            fd = conn.idle_fd()
+            if (
+                conn.reading != _IDLE
+                or fd is None
+                or self._idle.get(fd, (None, None))[1] is not conn
+            ):
+                return False
+            del self._idle[fd]
+            self._unpoll(fd)
+            conn.reading = _CALLER
+        return True
+
+    def _drop_idle(self, conn: Connection) -> None:
+        """Forget *conn* among the quiet links (it is closing)."""
+        with self._read_lock:
+            if conn.reading != _IDLE:
+                return
+            for fd, (_peer, c) in list(self._idle.items()):
+                if c is conn:
+                    del self._idle[fd]
+                    self._unpoll(fd)
+            conn.reading = _THREAD
+
+    def _read_for(self, peer: Peer, conn: Connection, waiting: threading.Lock) -> None:
+        """Read *conn* on this thread, which ``_take_read`` made its reader, until *waiting*
+        is released (the caller's reply came); then let the link go: back to the watchdog
+        if it is quiet, else to a reader thread. Whatever else arrives meanwhile is handled
+        as a reader thread would, except that calls go to the runner. A large message goes
+        to a reader thread: only small ones are read here, where a ``KeyboardInterrupt``
+        may stop the read at any point and must not lose part of a message."""
+        error: BaseException | None = None
+        to_thread = True
+        try:
+            while waiting.locked():
+                frame = conn.read_if_small()
+                if frame is None:
+                    break
+                if frame.tag == CallMsg.TAG:
+                    call = self._decode_call(peer, frame)
+                    if call is not None:
+                        self.runner.submit(self._execute, peer, call, frame.response_id)
+                    continue
+                self._dispatch(peer, conn, frame)
+            else:
+                to_thread = bool(peer.pending or peer.awaiting or conn.buffered)
+        except ProtocolError as exc:  # before OSError: a ProtocolError is a ConnectionError
+            error = exc
+            _log(f"closing the link to {_who(peer.pid)}: {exc}")
+        except (EOFError, OSError) as exc:
+            error = exc
+        finally:
+            if error is None and not (not to_thread and self._go_idle(peer, conn)):
+                conn.reading = _THREAD
+                self.runner.submit(self._read_loop, peer, conn)
+        if error is not None:
+            self._peer_lost(peer, conn, error)
 
     def _decode_call(self, peer: Peer, frame: Frame) -> CallMsg | None:
         try:
@@ -945,43 +1084,44 @@ class ProcessGroup:
             self.owner_register(msg.rrid, peer.pid)
         return msg
 
-    def _dispatch(self, peer: Peer, conn: Connection, frame: Frame) -> None:
+    def _dispatch(self, peer: Peer, conn: Connection, frame: Frame) -> bool:
+        """Handle a message that is not a call; True if it answered a blocking call."""
         tag = frame.tag
         if tag == ResultMsg.TAG or tag == JoinAckMsg.TAG:
             with self._pending_lock:
                 reply = self._pending.pop(frame.response_id, None)
                 peer.pending.discard(frame.response_id)
             if reply is None:
-                return  # the caller gave up waiting
+                return False  # the caller gave up waiting
             try:
                 msg = codec.decode(frame)
             except BaseException as exc:
                 reply.set(False, _decode_error(peer.pid, "the reply", exc))
-                return
+                return False
             if isinstance(msg, ResultMsg):
                 reply.set(msg.ok, msg.value)
             else:
                 reply.set(True, msg)
-            return
+            return type(reply) is Reply
         if tag == CallMsg.TAG:
             call = self._decode_call(peer, frame)
             if call is not None:
                 self.runner.submit(self._execute, peer, call, frame.response_id)
-            return
+            return False
         if tag == DoneMsg.TAG:
             self._handle_done(peer, frame)
-            return
+            return False
         handler = self.extra_handlers.get(tag)
         if handler is not None:
             handler(peer, frame)
-            return
+            return False
         if tag not in MSG_TYPES:  # a caller may be waiting for what this was: drop the link
             raise ProtocolError(f"unknown message tag {tag} from {_who(peer.pid)}")
         try:
             msg = codec.decode(frame)
         except BaseException as exc:
             _log(f"dropped an undecodable message from {peer.pid}: {type(exc).__name__}: {exc}")
-            return
+            return False
         if isinstance(msg, RefsMsg):
             self.refs_handler(peer, msg)
         elif isinstance(msg, ExitMsg):
@@ -990,6 +1130,7 @@ class ProcessGroup:
             self.apply_membership(msg)
         else:
             _log(f"unexpected {type(msg).__name__} from {peer.pid}")
+        return False
 
     def _handle_done(self, peer: Peer, frame: Frame) -> None:
         try:
@@ -1139,6 +1280,7 @@ class ProcessGroup:
                 self._closed_bytes[1] += conn.bytes_received
             peer.cond.notify_all()
         if peer.conn is not None:
+            self._drop_idle(peer.conn)
             peer.conn.close()
         try:
             if not peer.closing:

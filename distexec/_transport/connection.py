@@ -24,7 +24,8 @@ class Connection:
     """One authenticated link to a peer process.
 
     Senders pickle outside any lock and then write whole messages under ``_send_lock``, so
-    messages never interleave. Exactly one thread (the connection's reader) calls :meth:`read`.
+    messages never interleave. One thread at a time reads (:meth:`read`,
+    :meth:`read_if_small`): the cluster layer passes that role around through ``reading``.
 
     ``integrity`` says whether the link negotiated per-frame MACs (see :mod:`integrity`):
     then each message gets its sequence number and MAC under the send lock, and the reader
@@ -48,6 +49,7 @@ class Connection:
         "peer",
         "peer_info",
         "peer_max_frame",
+        "reading",
         "session_key",
         "sock",
     )
@@ -71,6 +73,7 @@ class Connection:
         self.label = label or self.peer  # who the peer is, in error messages
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.reading = 0  # who reads: the cluster layer's business (see _cluster.ReadToken)
         cap = hello.info.get("max_frame")
         if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
             cap = _config.MAX_FRAME_BYTES  # a peer that does not say: assume ours
@@ -136,6 +139,30 @@ class Connection:
             + (integrity.MAC_SIZE if frame.flags & framing.FLAG_MAC else 0)
         )
         return frame
+
+    def read_if_small(self) -> Frame | None:
+        """:meth:`read` if the next message is small (see ``FrameReader.read_if_small``): an
+        interrupted wait loses nothing, so a caller's own thread may read. None: it is not."""
+        frame = self._reader.read_if_small()
+        if frame is not None:
+            self.bytes_received += (
+                framing.HEADER_SIZE
+                + frame.body.nbytes
+                + (integrity.MAC_SIZE if frame.flags & framing.FLAG_MAC else 0)
+            )
+        return frame
+
+    @property
+    def buffered(self) -> bool:
+        """Whether the next message has started to arrive (already read from the socket)."""
+        return self._reader.buffered
+
+    def idle_fd(self) -> int | None:
+        """The descriptor whose readability means a message is coming, or None when the
+        stream may hold bytes the kernel does not see (TLS records, custom streams)."""
+        if type(self.sock) is not socket.socket or self._closed:
+            return None
+        return self.sock.fileno()
 
     def close(self) -> None:
         """Shut the link down in both directions; the reader then sees EOF. Idempotent."""

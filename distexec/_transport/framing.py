@@ -353,6 +353,26 @@ class FrameReader:
         buffers = [self._take(n) for n in lens]
         return Frame(tag, flags, seq, rid, nid, body, buffers)
 
+    @property
+    def buffered(self) -> bool:
+        """Whether bytes of a next message are already here (the socket would not tell)."""
+        return self._end > self._start
+
+    def read_if_small(self) -> Frame | None:
+        """:meth:`read` a message that fits the staging buffer; None if the next one does not.
+
+        It blocks only to fill the staging buffer, which keeps its bytes between calls, so an
+        exception while it waits (a ``KeyboardInterrupt`` in the main thread) loses nothing:
+        the next read starts where this one stopped. None leaves the stream untouched.
+        """
+        self._fill(HEADER_SIZE)
+        _tag, _flags, nbufs, _seq, body_len, _rid, _nid = HEADER.unpack_from(self._buf, self._start)
+        size = HEADER_SIZE + body_len + (MAC_SIZE if self._mac is not None else 0)
+        if nbufs or size > len(self._buf) or size > _MAC_STEP:
+            return None
+        self._fill(size)
+        return self.read()  # all of it is staged: this no longer blocks
+
     def _read_sealed(self, mac: hmac.HMAC) -> Frame:
         """:meth:`read` on an integrity link: everything read goes through the MAC, which is
         checked (``compare_digest``) before the message leaves here; then its ``seq``."""
