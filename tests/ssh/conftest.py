@@ -83,8 +83,17 @@ def netns_hosts(
 
 @pytest.fixture
 def no_ssh_leftovers() -> Iterator[None]:
-    """After the test: remove its workers and wait until no ssh client is left."""
+    """After the test: remove its workers and wait until no ssh client (master connections
+    included) and no control-socket directory of this process is left."""
+    import os
+    import tempfile
+
     import distexec as dx
+
+    def control_dirs() -> list[str]:
+        prefix = f"dxssh-{os.getpid()}-"
+        bases = {tempfile.gettempdir(), "/tmp"}
+        return [n for b in bases if os.path.isdir(b) for n in os.listdir(b) if n.startswith(prefix)]
 
     yield
     live = [p for p in dx.workers() if p != 1]
@@ -93,3 +102,4 @@ def no_ssh_leftovers() -> Iterator[None]:
     sshinfra.wait_until(
         lambda: not sshinfra.ssh_client_children(), timeout=15, what="no ssh client left"
     )
+    sshinfra.wait_until(lambda: not control_dirs(), timeout=5, what="no control directory left")

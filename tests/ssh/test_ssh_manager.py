@@ -34,6 +34,7 @@ from sshinfra import NetnsHosts, SSHServer
 
 import distexec as dx
 from distexec._machinefile import Machine, merge_machines
+from distexec.managers import ssh as ssh_manager
 from distexec.managers.ssh import SSHManager
 
 ssh = pytest.mark.ssh
@@ -77,6 +78,58 @@ def _describe(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
+def _is_master(proc: psutil.Process) -> bool:
+    try:
+        return "ControlMaster=yes" in proc.cmdline()
+    except psutil.Error:
+        return False
+
+
+def _live_clients() -> list[psutil.Process]:
+    """Our running ssh clients (not the zombies a session under our sshd leaves briefly)."""
+    out = []
+    for p in _ssh_children():
+        try:
+            if p.name() == "ssh" and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _masters() -> list[psutil.Process]:
+    """Our ssh master connections (``multiplex=True``)."""
+    return [p for p in _live_clients() if _is_master(p)]
+
+
+def _sessions() -> list[psutil.Process]:
+    """Our ssh clients that are not masters: a session each (or an ``ssh -L``)."""
+    return [p for p in _live_clients() if not _is_master(p)]
+
+
+def _control_path(master: psutil.Process) -> str:
+    [option] = [a for a in master.cmdline() if a.startswith("ControlPath=")]
+    return option.split("=", 1)[1]
+
+
+def _control_dirs(pid: int | None = None) -> list[str]:
+    """The control-socket directories of process *pid* (default: this one) still there."""
+    prefix = f"dxssh-{pid or os.getpid()}-"
+    bases = {tempfile.gettempdir(), "/tmp"}
+    return [
+        os.path.join(b, n)
+        for b in bases
+        if os.path.isdir(b)
+        for n in os.listdir(b)
+        if n.startswith(prefix)
+    ]
+
+
+def logins(server: SSHServer) -> int:
+    """Connections *server* has let in so far (sshd logs one line per login, VERBOSE)."""
+    return server.log_path.read_text(errors="replace").count("Accepted publickey")
+
+
 def settles(server: SSHServer, timeout: float = 15) -> None:
     """Wait until *server* has no session left (only its listener)."""
     wait_until(
@@ -103,6 +156,7 @@ def no_ssh_leftovers() -> Iterator[None]:
         timeout=15,
         what=f"no SSHManager thread left: {_manager_threads()}",
     )
+    assert not _control_dirs(), "control socket directories left"
 
 
 def _manager_threads() -> list[str]:
@@ -174,16 +228,102 @@ def test_one_worker_over_ssh(sshd: SSHServer) -> None:
 
 @ssh
 @pytest.mark.timeout(60)
-def test_count_gives_that_many_workers_and_rmprocs_leaves_nothing(sshd: SSHServer) -> None:
-    pids = dx.addprocs([(sshd.destination, 3)], **kw(sshd))
+@pytest.mark.parametrize("multiplex", [True, False], ids=["multiplex", "own-connections"])
+def test_count_gives_that_many_workers_and_rmprocs_leaves_nothing(
+    sshd: SSHServer, multiplex: bool
+) -> None:
+    before = logins(sshd)
+    pids = dx.addprocs([(sshd.destination, 3)], **kw(sshd, multiplex=multiplex))
     assert len(pids) == 3 and pids == sorted(pids)
     ospids = {dx.remotecall_fetch(os.getpid, p) for p in pids}
     assert len(ospids) == 3 and os.getpid() not in ospids
-    assert len(_ssh_children()) == 3  # one session per worker
+    assert len(_sessions()) == 3  # one session per worker
+    assert len(_masters()) == (1 if multiplex else 0)  # ... over one shared connection
+    assert logins(sshd) - before == (1 if multiplex else 3)
     assert dx.remotecall_fetch(lambda: dx.remotecall_fetch(dx.myid, pids[0]), pids[2]) == pids[0]
     dx.rmprocs(pids)
     assert all(_is_gone(p) for p in ospids)
-    assert not _ssh_children()
+    assert not _live_clients()  # the master too: rmprocs of the last worker waits for it
+    assert not _control_dirs()
+    settles(sshd)
+
+
+def _check(server: SSHServer, control_path: str) -> subprocess.CompletedProcess[str]:
+    """``ssh -O check``: whether a master answers on *control_path*."""
+    return subprocess.run(
+        ["ssh", *server.sshflags, "-o", f"ControlPath={control_path}", "-O", "check", "dxhost"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+
+
+@ssh
+@pytest.mark.timeout(60)
+def test_multiplexed_sessions_share_a_master_in_a_private_directory(sshd: SSHServer) -> None:
+    pids = dx.addprocs([(sshd.destination, 2)], **kw(sshd))
+    [master] = _masters()
+    path = _control_path(master)
+    assert all(f"ControlPath={path}" in s.cmdline() for s in _sessions())
+    assert len(os.fsencode(path)) + 17 < 104  # ssh binds "<path>.<16 chars>" first
+    directory = os.path.dirname(path)
+    assert _control_dirs() == [directory]
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert os.stat(directory).st_uid == os.geteuid()
+    assert f"Master running (pid={master.pid})" in _check(sshd, path).stderr
+    # The launch is over: the master's own session (its lifeline) has ended.
+    assert [dx.remotecall_fetch(dx.myid, p) for p in pids] == pids
+    dx.rmprocs(pids)
+    assert _is_gone(master.pid)
+    assert not os.path.exists(directory)
+    assert _check(sshd, path).returncode != 0
+    settles(sshd)
+
+
+@ssh
+@pytest.mark.timeout(90)
+def test_one_workers_end_leaves_the_others_on_the_shared_connection(sshd: SSHServer) -> None:
+    """A killed session takes its worker only; rmprocs of one leaves the others; the master
+    ends with the last of them."""
+    pids = dx.addprocs([(sshd.destination, 3)], **kw(sshd))
+    [master] = _masters()
+    path = _control_path(master)
+    ospids = {p: dx.remotecall_fetch(os.getpid, p) for p in pids}
+    # Kill one session's client: which worker it carried, we learn from who goes away.
+    _sessions()[0].send_signal(signal.SIGKILL)
+    wait_until(
+        lambda: sum(_is_gone(o) for o in ospids.values()) == 1,
+        timeout=20,
+        what="the killed session's worker exits",
+    )
+    [lost] = [p for p, o in ospids.items() if _is_gone(o)]
+    alive = [p for p in pids if p != lost]
+    assert [dx.remotecall_fetch(dx.myid, p) for p in alive] == alive
+    assert f"pid={master.pid}" in _check(sshd, path).stderr
+    dx.rmprocs(alive[0])
+    assert dx.remotecall_fetch(dx.myid, alive[1]) == alive[1]
+    assert not _is_gone(master.pid)
+    dx.rmprocs(alive[1])
+    assert _is_gone(master.pid) and not _control_dirs()
+    settles(sshd)
+
+
+@ssh
+@pytest.mark.timeout(90)
+def test_a_master_carries_at_most_sessions_per_master(
+    sshd: SSHServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sshd allows MaxSessions (10) per connection: a machine's workers are spread over
+    masters of ``_SESSIONS_PER_MASTER`` sessions each."""
+    monkeypatch.setattr(ssh_manager, "_SESSIONS_PER_MASTER", 2)
+    before = logins(sshd)
+    pids = dx.addprocs([(sshd.destination, 3)], **kw(sshd))
+    assert len(_masters()) == 2 and len(_sessions()) == 3
+    assert logins(sshd) - before == 2
+    assert [dx.remotecall_fetch(dx.myid, p) for p in pids] == pids
+    dx.rmprocs(pids)
+    assert not _live_clients() and not _control_dirs()
     settles(sshd)
 
 
@@ -202,8 +342,10 @@ def test_duplicate_specs_are_merged_and_alias_binds_where_ssh_went(sshd: SSHServ
 def test_count_auto_is_the_hosts_usable_cpus(sshd: SSHServer) -> None:
     from loky import cpu_count
 
+    before = logins(sshd)
     pids = dx.addprocs([(sshd.destination, "auto")], **kw(sshd))
     assert len(pids) == cpu_count()
+    assert logins(sshd) - before == 1  # the question went over the workers' connection
 
 
 @ssh
@@ -281,11 +423,12 @@ def test_interrupt_reaches_a_call_over_ssh(sshd: SSHServer, tmp_path: Path) -> N
 
 @ssh
 @pytest.mark.timeout(60)
-def test_killed_ssh_session_takes_the_worker_down(sshd: SSHServer) -> None:
+@pytest.mark.parametrize("multiplex", [True, False], ids=["multiplex", "own-connection"])
+def test_killed_ssh_session_takes_the_worker_down(sshd: SSHServer, multiplex: bool) -> None:
     """Without a pty the worker gets no SIGHUP: it must exit on stdin EOF by itself."""
-    [w] = dx.addprocs([sshd.destination], **kw(sshd))
+    [w] = dx.addprocs([sshd.destination], **kw(sshd, multiplex=multiplex))
     ospid = dx.remotecall_fetch(os.getpid, w)
-    [client] = _ssh_children()
+    [client] = _sessions()
     client.send_signal(signal.SIGKILL)
     wait_until(lambda: _is_gone(ospid), timeout=20, what=f"worker {ospid} exits on its own")
 
@@ -302,21 +445,44 @@ def test_killed_ssh_session_takes_the_worker_down(sshd: SSHServer) -> None:
     settles(sshd)
 
 
+def _worker_ports(ospids: list[int]) -> set[int]:
+    return {
+        c.laddr.port
+        for ospid in ospids
+        for c in psutil.Process(ospid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+
+
 @ssh
 @pytest.mark.timeout(90)
-def test_tunnel_mode(sshd: SSHServer) -> None:
-    pids = dx.addprocs([(sshd.destination, 2)], **kw(sshd, tunnel=True))
+@pytest.mark.parametrize("multiplex", [True, False], ids=["multiplex", "own-connections"])
+def test_tunnel_mode(sshd: SSHServer, multiplex: bool) -> None:
+    before = logins(sshd)
+    pids = dx.addprocs([(sshd.destination, 2)], **kw(sshd, tunnel=True, multiplex=multiplex))
     ospids = [dx.remotecall_fetch(os.getpid, p) for p in pids]
     for ospid in ospids:
         assert bind_arg(ospid) == "127.0.0.1"
         assert "--allow-insecure-network" not in psutil.Process(ospid).cmdline()
-    # Two sessions per worker: the worker's and the -L forward.
-    forwards = [p for p in _ssh_children() if "-L" in p.cmdline()]
-    assert len(forwards) == 2 and len(_ssh_children()) == 4
-    for forward in forwards:  # the worker's port is taken here (by the worker itself)
-        spec = forward.cmdline()[forward.cmdline().index("-L") + 1]
-        _, local, _, remote = spec.split(":")
-        assert local != remote, spec
+    forwards = [p for p in _live_clients() if "-L" in p.cmdline()]
+    if multiplex:
+        # One connection: the workers' sessions and both forwards (the master listens).
+        assert not forwards and len(_sessions()) == 2 and logins(sshd) - before == 1
+        [master] = _masters()
+        listening = {
+            c.laddr.port
+            for c in master.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.ip == "127.0.0.1"
+        }
+        assert len(listening) == 2
+        assert not listening & _worker_ports(ospids)  # their ports are taken here (by them)
+    else:
+        # Two sessions per worker: the worker's and the -L forward.
+        assert len(forwards) == 2 and len(_live_clients()) == 4
+        for forward in forwards:  # the worker's port is taken here (by the worker itself)
+            spec = forward.cmdline()[forward.cmdline().index("-L") + 1]
+            _, local, _, remote = spec.split(":")
+            assert local != remote, spec
     assert dx.remotecall_fetch(lambda: dx.remotecall_fetch(dx.myid, pids[0]), pids[1]) == pids[0]
     dx.rmprocs(pids)
     assert all(_is_gone(p) for p in ospids)
@@ -351,7 +517,9 @@ def test_master_death_ends_sessions_workers_and_tunnels(sshd: SSHServer) -> None
         assert master.stdout is not None
         ospids = json.loads(sshinfra.read_line(master.stdout, timeout=30))
         clients = psutil.Process(master.pid).children(recursive=True)
-        assert len(clients) == 3  # two sessions and one forward
+        # Each addprocs: a master connection and a session on it (the forward is the master's).
+        assert len(clients) == 4 and len([c for c in clients if _is_master(c)]) == 2
+        assert len(_control_dirs(master.pid)) == 2
     finally:
         master.kill()
         master.wait(10)
@@ -360,18 +528,65 @@ def test_master_death_ends_sessions_workers_and_tunnels(sshd: SSHServer) -> None
         lambda: all(_is_gone(c.pid) for c in clients), timeout=20, what="the ssh clients exit"
     )
     settles(sshd)
+    # A killed process cannot remove its control directories (ssh removed the sockets):
+    # the next master connection made anywhere removes those of dead processes.
+    assert all(not os.listdir(d) for d in _control_dirs(master.pid))
+    ssh_manager._remove_stale_control_dirs(tempfile.gettempdir())
+    assert not _control_dirs(master.pid)
+
+
+EXITING_MASTER = """
+import json, os, sys
+import distexec as dx
+kw = json.loads(sys.argv[1])
+dest = kw.pop("dest")
+pids = dx.addprocs([(dest, 2)], **kw)
+print(json.dumps([dx.remotecall_fetch(os.getpid, p) for p in pids]), flush=True)
+"""
 
 
 @ssh
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("victim", ["worker", "forward"])
-def test_either_end_of_a_tunnel_dying_ends_both(sshd: SSHServer, victim: str) -> None:
-    [w] = dx.addprocs([sshd.destination], **kw(sshd, tunnel=True))
+def test_a_master_that_exits_without_rmprocs_leaves_nothing(sshd: SSHServer) -> None:
+    """Normal interpreter exit: the exit hooks remove the workers, the master connection
+    ends, its control directory goes."""
+    options = {"dest": sshd.destination, **kw(sshd, sshflags=list(sshd.sshflags))}
+    master = subprocess.Popen(
+        [sys.executable, "-c", EXITING_MASTER, json.dumps(options)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, **sshd.remote_env},
+    )
+    out, _ = master.communicate(timeout=45)
+    assert master.returncode == 0
+    ospids = json.loads(out)
+    wait_until(lambda: all(_is_gone(p) for p in ospids), timeout=20, what="both workers exit")
+    assert not _control_dirs(master.pid)
+    settles(sshd)  # no session, and no connection (the master's) left on the server
+
+
+tunnel_victims = [
+    ("worker", True),
+    ("master", True),  # the forward is the master's: it ends with it, and so does the session
+    ("worker", False),
+    ("forward", False),
+]
+
+
+@ssh
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("victim", "multiplex"), tunnel_victims)
+def test_either_end_of_a_tunnel_dying_ends_both(
+    sshd: SSHServer, victim: str, multiplex: bool
+) -> None:
+    [w] = dx.addprocs([sshd.destination], **kw(sshd, tunnel=True, multiplex=multiplex))
     ospid = dx.remotecall_fetch(os.getpid, w)
     if victim == "worker":
         os.kill(ospid, signal.SIGKILL)
+    elif victim == "master":
+        [master] = _masters()
+        master.send_signal(signal.SIGKILL)
     else:
-        [forward] = [p for p in _ssh_children() if "-L" in p.cmdline()]
+        [forward] = [p for p in _live_clients() if "-L" in p.cmdline()]
         forward.send_signal(signal.SIGKILL)
     wait_until(lambda: _is_gone(ospid), timeout=20, what="the worker ends")
     wait_until(lambda: not _ssh_children(), timeout=20, what="session and tunnel end")
@@ -391,7 +606,9 @@ def _wrong_key_flags(server: SSHServer) -> tuple[str, ...]:
 
 @ssh
 @pytest.mark.timeout(60)
-def test_wrong_key_is_a_launch_error_with_ssh_stderr(sshd: SSHServer) -> None:
+@pytest.mark.parametrize("multiplex", [True, False], ids=["multiplex", "own-connections"])
+def test_wrong_key_is_a_launch_error_with_ssh_stderr(sshd: SSHServer, multiplex: bool) -> None:
+    """With multiplex, the master connection fails: each worker reports its error."""
     started = time.monotonic()
     with pytest.raises(dx.LaunchError) as info:
         dx.addprocs(
@@ -399,6 +616,7 @@ def test_wrong_key_is_a_launch_error_with_ssh_stderr(sshd: SSHServer) -> None:
             sshflags=_wrong_key_flags(sshd),
             exename=sshd.python,
             env=sshd.remote_env,
+            multiplex=multiplex,
         )
     assert time.monotonic() - started < 15
     assert "Permission denied" in str(info.value)
@@ -492,6 +710,7 @@ def test_workers_on_two_hosts_reach_each_other(netns_hosts: NetnsHosts) -> None:
     # One by ssh alias (bind address from $SSH_CONNECTION), one by user@addr:port.
     pids = dx.addprocs([host_a.ssh_alias, host_b.destination], **kw(netns_hosts))
     assert len(pids) == 2
+    assert len(_masters()) == 2  # one master connection per host
     namespaces = {f"net:[{os.stat(f'/run/netns/{h.name}').st_ino}]": h.addr for h in netns_hosts}
     facts = {p: dx.remotecall_fetch(worker_facts, p) for p in pids}
     addrs = {namespaces[f["netns"]]: p for p, f in facts.items()}
@@ -517,7 +736,7 @@ def test_tunnel_into_a_namespace_host(netns_hosts: NetnsHosts) -> None:
         assert bind_arg(dx.remotecall_fetch(os.getpid, p)) == "127.0.0.1"
     # Port 127.0.0.1:P of the host is forwarded from our 127.0.0.1:P (free here): the address
     # the master dials, and tells the other workers, is right on the worker's host too.
-    for forward in [p for p in _ssh_children() if "-L" in p.cmdline()]:
+    for forward in [p for p in _live_clients() if "-L" in p.cmdline()]:
         spec = forward.cmdline()[forward.cmdline().index("-L") + 1]
         _, local, _, remote = spec.split(":")
         assert local == remote, spec
@@ -585,6 +804,7 @@ def test_max_parallel_bounds_logins_per_machine(
     pids = dx.addprocs(
         [("127.0.0.1", 4)],
         ssh=program,
+        multiplex=False,  # the fake has no master mode: with one, only sessions start at once
         max_parallel=max_parallel,
         exename=sys.executable,
         env=sshinfra.remote_python_env(),
@@ -601,6 +821,7 @@ def test_fake_denied_host_fails_alone(fake_ssh: tuple[str, Path]) -> None:
         dx.addprocs(
             ["denied-host", "127.0.0.1"],
             ssh=program,
+            multiplex=False,
             exename=sys.executable,
             env=sshinfra.remote_python_env(),
         )
@@ -713,6 +934,7 @@ def test_repr_and_defaults() -> None:
     assert repr(manager) == "SSHManager([('a', 2), ('b:22', 2)], tunnel=True)"
     assert manager.default_params() == {
         "tunnel": True,
+        "multiplex": True,
         "sshflags": (),
         "max_parallel": 10,
         "ssh": "ssh",
