@@ -248,6 +248,8 @@ register_case(
             Metric("ssh_ready_ms", "ssh ready ms", "lower", ratio="ssh ready"),
             Metric("local_ready_ms", "local ready ms", "lower"),
             Metric("ready_ratio", "ready ssh÷local", "lower"),
+            Metric("ssh_setup_ms", "ssh set-up ms", "lower", show_range=False),
+            Metric("ready_ratio_setup_aside", "(ssh ready - set-up)÷local", "lower"),
             Metric("ssh_teardown_ms", "ssh teardown ms", "lower", show_range=False),
             Metric("local_teardown_ms", "local teardown ms", "lower", show_range=False),
             Metric("teardown_ratio", "teardown ssh÷local", "lower", show_range=False),
@@ -255,15 +257,18 @@ register_case(
         ),
         explain=lambda p: (
             f"ready = from addprocs until each of {p['workers']} workers answered one call: "
-            f"ssh: addprocs([('user@127.0.0.1:PORT', {p['workers']})]), one ssh session per "
-            f"worker to an sshd of the bench's own; local: addprocs({p['workers']}). "
-            f"Same driver, {p['rounds']} round(s) of each, order alternating per round "
-            "(median of rounds). "
-            "ssh set-up aside: keys, sshd and one 'ssh true' check come before any timing "
-            "(curve25519 key exchange). teardown = rmprocs until it returned. The ratios are "
-            "ssh ÷ local within each driver; target ≤ 1.2 times. ssh logins: for scale, "
-            f"{p['workers']} concurrent 'ssh user@127.0.0.1 true' until all returned, what ssh "
-            "and the remote login shell cost one session per worker before any Python starts."
+            f"ssh: addprocs([('user@127.0.0.1:PORT', {p['workers']})]) to an sshd of the "
+            "bench's own, default multiplex=True: one ssh master connection (one login) and "
+            f"{p['workers']} sessions over it, one per worker, each running the remote login "
+            f"shell; local: addprocs({p['workers']}). Same driver, {p['rounds']} round(s) of "
+            "each, order alternating per round (median of rounds). Before any timing: keys, "
+            "sshd and one 'ssh true' check (curve25519 key exchange). teardown = rmprocs until "
+            "it returned. The ratios are ssh ÷ local within each driver. ssh set-up: one 'ssh "
+            "user@127.0.0.1 true' timed in the same driver (median of one per round): the one "
+            "connection's login plus one remote login shell; (ssh ready - set-up)÷local: the "
+            "ready ratio with that taken off, target ≤ 1.2 times. ssh logins: for scale, "
+            f"{p['workers']} concurrent 'ssh user@127.0.0.1 true' until all returned, what "
+            "one connection per worker would cost before any Python starts."
         ),
         timeout_s=180.0,
         default=False,

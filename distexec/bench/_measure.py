@@ -358,6 +358,7 @@ def startup_ssh(b: Backend, p: Mapping[str, Any]) -> Outcome:
     n = p["workers"]
     ready: dict[str, list[float]] = {"ssh": [], "local": []}
     teardown: dict[str, list[float]] = {"ssh": [], "local": []}
+    setup: list[float] = []
     ospids: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory(prefix="dxb-ssh-") as tmp, SSHD(Path(tmp)) as server:
         server.check()
@@ -381,6 +382,7 @@ def startup_ssh(b: Backend, p: Mapping[str, Any]) -> Outcome:
             "local": (n, {}),
         }
         for r in range(p["rounds"]):
+            setup.append(server.time_logins(1))
             for which in ("ssh", "local") if r % 2 == 0 else ("local", "ssh"):
                 arg, kw = runs[which]
                 up, down, _ = _ready_then_remove(dx, b, arg, kw, distinct(which))
@@ -388,11 +390,14 @@ def startup_ssh(b: Backend, p: Mapping[str, Any]) -> Outcome:
                 teardown[which].append(down)
     med = {k: statistics.median(v) for k, v in ready.items()}
     med_down = {k: statistics.median(v) for k, v in teardown.items()}
+    setup_ms = statistics.median(setup)
     return Outcome(
         {
             "ssh_ready_ms": med["ssh"],
             "local_ready_ms": med["local"],
             "ready_ratio": med["ssh"] / med["local"],
+            "ssh_setup_ms": setup_ms,
+            "ready_ratio_setup_aside": (med["ssh"] - setup_ms) / med["local"],
             "ssh_teardown_ms": med_down["ssh"],
             "local_teardown_ms": med_down["local"],
             "teardown_ratio": med_down["ssh"] / med_down["local"],
@@ -403,6 +408,8 @@ def startup_ssh(b: Backend, p: Mapping[str, Any]) -> Outcome:
             "local_worker_ospids": ospids["local"],
             "ready_ms_all": ready,
             "teardown_ms_all": teardown,
+            "ssh_setup_ms_all": setup,
+            "multiplex": True,
             "destination": server.destination,
         },
     )

@@ -201,7 +201,8 @@ class SSHD:
 
     def time_logins(self, n: int) -> float:
         """Milliseconds until *n* concurrent ``ssh ... true`` sessions all returned: what ssh
-        itself costs *n* workers started one session each (login, remote shell start-up)."""
+        itself costs *n* workers started one connection each (login, remote shell start-up);
+        with *n* = 1, the set-up of the one connection a multiplexing SSHManager makes."""
         ssh = _which("ssh")
         argv = [ssh, *self.sshflags, "-p", str(self.port), "--", f"{self.user}@{self.host}"]
         t0 = time.perf_counter()
