@@ -659,6 +659,7 @@ def rmprocs(
     if waitfor is None:
         remove_all()
         done.result()
+        quiesce()
         return None
     threading.Thread(target=remove_all, name="distexec-rmprocs", daemon=True).start()
     try:
@@ -668,6 +669,22 @@ def rmprocs(
             f"rmprocs: pids {targets} not terminated after {waitfor} seconds."
         ) from None
     return None
+
+
+def quiesce(timeout: float = 1.0) -> bool:
+    """Once the last worker is gone, end distexec's threads in this process now and wait up
+    to *timeout* seconds for them (idle call threads, the watchdog, heartbeats, the spawner,
+    finished output relays); True if none is left. What ``ProcessPoolExecutor.shutdown
+    (wait=True)`` does for its threads; a no-op while any worker is connected."""
+    g = _cluster.group()
+    if g.role != "master" or g.has_links():
+        return False
+    deadline = time.monotonic() + timeout
+    from . import _heartbeat
+
+    _heartbeat.quiesce(timeout)
+    _local.quiesce(max(deadline - time.monotonic(), 0.0))
+    return g.quiesce(max(deadline - time.monotonic(), 0.0))
 
 
 def _remove_one(g: _cluster.ProcessGroup, pid: WorkerId) -> None:

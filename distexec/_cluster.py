@@ -225,6 +225,7 @@ class ProcessGroup:
         self.topology = "all_to_all"
         self.lazy = True
         self.runner = Runner()
+        self.runner.keep_idle = self.has_links
         self._inline: set[_Inline] = set()  # calls readers run themselves
         self._inline_lock = threading.Lock()  # guards: _inline, _Inline.promoted, _watchdog
         self._watchdog: threading.Thread | None = None
@@ -317,6 +318,26 @@ class ProcessGroup:
         return pid
 
     # ------------------------------------------------------------------ connections
+
+    def has_links(self) -> bool:
+        """Whether any peer is connected (else idle threads have nothing to wait for)."""
+        return any(p.state is PeerState.CONNECTED for p in list(self._peers.values()))
+
+    def quiesce(self, timeout: float) -> bool:
+        """With no peer connected, end this process's idle threads (call threads and the
+        watchdog) now and wait up to *timeout* seconds for them; True if none is left.
+        ``ProcessPoolExecutor.shutdown(wait=True)`` joins its threads: so do we, once the
+        last worker is gone. Threads start again on demand."""
+        if self.has_links():
+            return False
+        deadline = time.monotonic() + timeout
+        done = self.runner.quiesce(timeout)
+        with self._inline_lock:
+            watchdog = self._watchdog
+        if watchdog is not None and watchdog is not threading.current_thread():
+            watchdog.join(max(deadline - time.monotonic(), 0.0))  # it looks every 10 ms
+            done = done and not watchdog.is_alive()
+        return done
 
     def _start_reader(self, peer: Peer, conn: Connection) -> None:
         conn.reading = _THREAD
@@ -898,16 +919,24 @@ class ProcessGroup:
         error: BaseException | None = None
         try:
             while True:
+                # No message outlives its handling: the next read may block for long, and a
+                # call's arguments held meanwhile would not be freed (nor their __del__ run).
                 frame = conn.read()
                 if frame.tag == CallMsg.TAG:
                     call = self._decode_call(peer, frame)
+                    rid = frame.response_id
+                    del frame
                     if call is None:
                         continue
-                    if self._run_inline(peer, conn, call, frame.response_id):
+                    passed = self._run_inline(peer, conn, call, rid)
+                    del call
+                    if passed:
                         return  # a follower reads on
                     continue
+                answered = self._dispatch(peer, conn, frame)
+                del frame
                 if (
-                    self._dispatch(peer, conn, frame)
+                    answered
                     and not (peer.pending or peer.awaiting or conn.buffered)
                     and self._go_idle(peer, conn)
                 ):
@@ -922,7 +951,13 @@ class ProcessGroup:
         except BaseException as exc:  # pragma: no cover - a bug in dispatch
             error = exc
             _log(f"reader for worker {peer.pid} crashed: {type(exc).__name__}: {exc}")
-        self._peer_lost(peer, conn, error)
+        try:
+            self._peer_lost(peer, conn, error)
+        finally:
+            # The error's traceback holds this frame, which holds the error: a cycle that,
+            # through the frames above, would keep this thread's Thread object until the
+            # next garbage collection.
+            error = None
 
     def _run_inline(self, peer: Peer, conn: Connection, call: CallMsg, response_id: int) -> bool:
         """Run *call* on this reader thread; True if reading passed to a follower meanwhile."""
@@ -950,23 +985,27 @@ class ProcessGroup:
 
     def _start_watchdog(self) -> None:
         """Start the thread that promotes followers and polls quiet links (under _inline_lock)."""
-        if hasattr(select, "epoll"):
-            self._poll = select.epoll()
         self._watchdog = threading.Thread(target=self._watch, name="distexec-watch", daemon=True)
         self._watchdog.start()
 
     def _watch(self) -> None:
         """Start a reader for every quiet link a message arrives on, and promote a follower
-        for every call that runs inline longer than the grace."""
-        poll = self._poll
+        for every call that runs inline longer than the grace. Ends when there is nothing to
+        watch and no peer is connected (``_go_idle``/``_run_inline`` start it again)."""
         while True:
             wait = _INLINE_POLL if self._inline else _IDLE_POLL
+            poll = self._poll  # made by the first _go_idle
             if poll is None:
                 time.sleep(wait)
             else:
                 for fd, _events in poll.poll(wait):
                     self._wake_idle(fd)
             if not self._inline:
+                if not self._idle and not self.has_links():
+                    with self._inline_lock, self._read_lock:
+                        if not self._inline and not self._idle:
+                            self._watchdog = None
+                            return
                 continue
             now = time.monotonic()
             with self._inline_lock:
@@ -979,21 +1018,21 @@ class ProcessGroup:
     def _go_idle(self, peer: Peer, conn: Connection) -> bool:
         """Stop reading *conn*, quiet and expecting nothing: the watchdog polls it from now on.
         False if it cannot be polled (TLS, custom streams) or is going: keep reading it."""
-        if conn.idle_fd() is None:
-            return False
-        with self._inline_lock:
-            if self._watchdog is None:
-                self._start_watchdog()
-        poll = self._poll
-        if poll is None:
+        if conn.idle_fd() is None or not hasattr(select, "epoll"):
             return False
         with self._read_lock:
             fd = conn.idle_fd()
             if fd is None or peer.conn is not conn or peer.state is not PeerState.CONNECTED:
                 return False
+            if self._poll is None:
+                self._poll = select.epoll()
             conn.reading = _IDLE
             self._idle[fd] = (peer, conn)
-            poll.register(fd, select.EPOLLIN)
+            self._poll.register(fd, select.EPOLLIN)
+        # After registering: a watchdog that saw nothing to watch has ended, or sees this.
+        with self._inline_lock:
+            if self._watchdog is None:
+                self._start_watchdog()
         return True
 
     def _unpoll(self, fd: int) -> None:
@@ -1071,7 +1110,10 @@ class ProcessGroup:
                 conn.reading = _THREAD
                 self.runner.submit(self._read_loop, peer, conn)
         if error is not None:
-            self._peer_lost(peer, conn, error)
+            try:
+                self._peer_lost(peer, conn, error)
+            finally:
+                error = None  # see _read_loop
 
     def _decode_call(self, peer: Peer, frame: Frame) -> CallMsg | None:
         try:

@@ -145,6 +145,14 @@ class _Monitor:
         self.wake()  # the thread drops the worker, and ends with the last one
 
     # -- the thread
+    def quiesce(self, timeout: float) -> None:
+        """With no worker left to watch: let the monitor thread see it now and wait for it."""
+        with self._cond:
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _run(self) -> None:
         g = _cluster.group()
         last_tick = time.monotonic()
@@ -265,6 +273,13 @@ def _unacknowledged(conn: object) -> bool:
 
 
 _monitor = _Monitor()
+
+
+def quiesce(timeout: float) -> None:
+    """Let the monitor thread end now if no worker is left to watch (see ``_api.quiesce``)."""
+    _monitor.quiesce(timeout)
+
+
 _installed = False
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 
 _IDLE_SECONDS = 2.0  # idle threads go soon: leader/follower reuses busy ones
+_IDLE_SECONDS_UNNEEDED = 0.05  # ... and at once when ``keep_idle`` says nothing will come
+_IDLE_TICK = 0.1  # how often an idle thread asks ``keep_idle``
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
@@ -33,25 +37,36 @@ class Runner:
         self._lock = threading.Lock()  # guards: _idle, _threads, _closed
         self._idle = 0  # idle threads not yet promised to a queued job
         self._threads = 0
+        self._gone = threading.Condition(self._lock)  # notified when a thread retires
+        # Retired threads, maybe not yet ended, for quiesce to join; weak, so that a thread
+        # that has ended is not kept (test.support's threading_cleanup waits for that).
+        self._retired: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        self._mine = threading.local()
         self._closed = False
         #: thread ident -> the user function running there (for interrupt)
         self.running: dict[int, object] = {}
-        self._interrupt_lock = threading.Lock()  # guards: delivering/clearing interrupts
+        #: False when no job can come soon (no peer is connected): idle threads go at once
+        self.keep_idle: Callable[[], bool] = lambda: True
+        self._interrupt_lock = threading.Lock()  # guards: delivering/clearing interrupts, _hit
+        self._hit: set[int] = set()  # threads sent an interrupt that their call may not take
 
     def interrupt(self, exclude: int | None = None) -> int:
         """Raise ``KeyboardInterrupt`` in every thread running a user call; returns how many."""
         hit = 0
         with self._interrupt_lock:
             for ident in list(self.running):
-                if ident != exclude:
-                    hit += _set_async_exc(ident, KeyboardInterrupt)
+                if ident != exclude and _set_async_exc(ident, KeyboardInterrupt):
+                    hit += 1
+                    self._hit.add(ident)
         return hit
 
     def finished(self, ident: int) -> None:
         """The call on thread *ident* is over: stop tracking it and drop a late interrupt."""
         with self._interrupt_lock:
             self.running.pop(ident, None)
-            _set_async_exc(ident, ctypes.py_object())  # NULL: clear a pending interrupt
+            if ident in self._hit:
+                self._hit.discard(ident)
+                _set_async_exc(ident, ctypes.py_object())  # NULL: clear a pending interrupt
 
     def submit(self, fn: Callable[..., object], *args: object) -> None:
         """Run ``fn(*args)`` on a runner thread, starting one if none is idle."""
@@ -66,22 +81,54 @@ class Runner:
             n = self._threads
         threading.Thread(target=self._loop, name=f"{self._name}-{n}", daemon=True).start()
 
+    def _retire_locked(self) -> None:
+        self._threads -= 1
+        self._retired.add(threading.current_thread())
+        self._gone.notify_all()
+
+    def quiesce(self, timeout: float) -> bool:
+        """Let every idle thread go now, and wait up to *timeout* seconds until no thread is
+        left (but the caller's own); True if none is. Busy threads finish their calls."""
+        deadline = time.monotonic() + timeout
+        me = threading.current_thread()
+        own = 1 if getattr(self._mine, "runner", False) else 0
+        with self._lock:
+            for _ in range(self._idle):
+                self._jobs.put(None)
+            self._idle = 0
+            while self._threads > own:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._gone.wait(remaining)
+            retired = list(self._retired)
+            left = self._threads - own
+        for t in retired:  # until each has really ended, not just left its loop
+            if t is not me:
+                t.join(max(deadline - time.monotonic(), 0.0))
+        return left == 0
+
     def _loop(self) -> None:
+        self._mine.runner = True
         jobs = self._jobs
+        idle_since = time.monotonic()
         while True:
             try:
-                job = jobs.get(timeout=self._idle_seconds)
+                job = jobs.get(timeout=min(_IDLE_TICK, self._idle_seconds))
             except Empty:
+                limit = self._idle_seconds if self.keep_idle() else _IDLE_SECONDS_UNNEEDED
+                if time.monotonic() - idle_since < limit:
+                    continue
                 with self._lock:
                     # Retire only if no queued job was promised to an idle thread like us.
                     if self._idle > 0 and jobs.empty():
                         self._idle -= 1
-                        self._threads -= 1
+                        self._retire_locked()
                         return
                 continue
             if job is None:
                 with self._lock:
-                    self._threads -= 1
+                    self._retire_locked()
                 return
             fn, args = job
             try:
@@ -91,9 +138,10 @@ class Runner:
             del job, fn, args
             with self._lock:
                 if self._closed:
-                    self._threads -= 1
+                    self._retire_locked()
                     return
                 self._idle += 1
+            idle_since = time.monotonic()
 
     @property
     def threads(self) -> int:

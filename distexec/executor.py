@@ -506,6 +506,12 @@ class DistributedExecutor(cf.Executor):
         if wait:
             if manager is not None and manager is not threading.current_thread():
                 manager.join()
+                with self._lock:  # as ProcessPoolExecutor does: a joined thread is let go
+                    if self._manager is manager:
+                        self._manager = None
+                        self._call_queue._thread = None
+                if self._given is None:  # our own workers are gone: maybe the last ones
+                    _api.quiesce()
             elif manager is None:
                 self._stop_workers()
 
@@ -538,7 +544,8 @@ class DistributedExecutor(cf.Executor):
     @property
     def _executor_manager_thread(self) -> threading.Thread | None:
         """The thread that starts, replaces and stops the workers (``None`` before the first
-        submit); it ends once the executor is shut down, or dropped, and its work is done."""
+        submit, and once ``shutdown(wait=True)`` has joined it); it ends once the executor is
+        shut down, or dropped, and its work is done."""
         return self._manager
 
     def __repr__(self) -> str:

@@ -102,14 +102,6 @@ _ENTRIES: list[tuple[str, tuple[str, ...], str]] = [
         " started; the test counts ProcessPoolExecutor's processes (3, or 5 with fork), which it"
         " starts in submit() before its feeder thread fails to pickle the calls",
     ),
-    (
-        "ProcessPoolExecutorTest.test_ressources_gced_in_workers",
-        VARIANTS,
-        "the worker unpickles the Manager proxy (it now has the caller's multiprocessing"
-        " authkey) and runs the call, but keeps the call's arguments alive about 5 s after the"
-        " call returns, so the object's __del__ sets the event after the test's 1 s wait: a"
-        " distexec bug on the worker side (distexec/_cluster.py), not a deliberate difference",
-    ),
     # --- workers start up front ------------------------------------------------------------------
     (
         "ProcessPoolExecutorTest.test_idle_process_reuse_one",

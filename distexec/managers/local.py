@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import IO, Any
 
 from ..errors import LaunchError, WorkerTimeoutError
@@ -119,14 +120,16 @@ class LocalManager(ClusterManager):
 
 
 def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """``subprocess.Popen(argv, **kwargs)``, run on a thread that lives as long as this process.
+    """``subprocess.Popen(argv, **kwargs)``, run on a thread that lives as long as its children.
 
     A worker started with ``--parent-death`` asks Linux (``PR_SET_PDEATHSIG``) to kill it
     when its parent dies, and to Linux the parent is the *thread* that forked it, or,
     once that thread is gone, whichever thread of ours it was handed to. Forked from a
     short-lived thread (addprocs launches on one), a worker could be killed whenever some
     thread of ours ended, even right after printing its address. Forked from here, only
-    the death of this process kills it.
+    the death of this process kills it. The thread ends once every process it started has
+    been reaped and nothing is queued (a process with no workers keeps no thread for them);
+    the next call starts another.
     """
     global _spawner
     done: SimpleQueue[tuple[bool, Any]] = SimpleQueue()
@@ -142,17 +145,60 @@ def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     return proc
 
 
+def quiesce(timeout: float) -> None:
+    """End the spawner now if none of its children lives, and wait for the relay threads of
+    workers that are gone: a process whose last worker went keeps no thread for them."""
+    deadline = time.monotonic() + timeout
+    with _spawner_lock:
+        spawner = _spawner
+        if spawner is not None:
+            _spawn_jobs.put(None)  # look at the children now
+    if spawner is not None and spawner is not threading.current_thread():
+        spawner.join(timeout)
+    with _relays_lock:
+        relays = list(_relays)
+    for t in relays:
+        t.join(max(deadline - time.monotonic(), 0.0))
+
+
 def _spawn_loop() -> None:
+    global _spawner
+    children: list[subprocess.Popen[bytes]] = []
     while True:
-        argv, kwargs, done = _spawn_jobs.get()
         try:
-            done.put((True, subprocess.Popen(argv, **kwargs)))
+            job = _spawn_jobs.get(timeout=_SPAWNER_POLL if children else 0.05)
+            if job is None:
+                raise Empty  # quiesce(): look now
+            argv, kwargs, done = job
+            del job
+        except Empty:
+            # poll() may reap one that exited; Popen keeps its code for whoever stops it.
+            children = [p for p in children if p.poll() is None]
+            if children:
+                continue
+            with _spawner_lock:
+                if _spawn_jobs.empty():
+                    _spawner = None
+                    return
+            continue
+        try:
+            proc = subprocess.Popen(argv, **kwargs)
         except BaseException as exc:
             done.put((False, exc))
+        else:
+            children.append(proc)
+            done.put((True, proc))
+            del proc
         del argv, kwargs, done
 
 
-_spawn_jobs: SimpleQueue[tuple[list[str], dict[str, Any], SimpleQueue[tuple[bool, Any]]]] = (
+_SPAWNER_POLL = 0.2  # how often the spawner looks whether its children are all gone
+# Relay threads, for quiesce() to join; weak, so that one that has ended is not kept.
+_relays: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_relays_lock = threading.Lock()
+
+
+_spawn_jobs: SimpleQueue[tuple[list[str], dict[str, Any], SimpleQueue[tuple[bool, Any]]] | None] = (
     SimpleQueue()
 )
 _spawner: threading.Thread | None = None
@@ -226,10 +272,12 @@ class OutputRelay:
         self.tail: deque[str] = deque(maxlen=40)
         self._streams = streams
         self.done = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"distexec-output-w{pid}", daemon=True
-        )
-        self._thread.start()
+        # Not kept here: a finished thread must not outlive its run (test.support's
+        # threading_cleanup waits for the thread objects to go); quiesce() joins it.
+        thread = threading.Thread(target=self._run, name=f"distexec-output-w{pid}", daemon=True)
+        with _relays_lock:
+            _relays.add(thread)
+        thread.start()
 
     def _run(self) -> None:
         sel = selectors.DefaultSelector()

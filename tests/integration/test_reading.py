@@ -129,3 +129,32 @@ def test_keyboard_interrupt_while_the_caller_reads_leaves_the_link_whole(
     for i in range(20):
         assert dx.remotecall_fetch(helpers.identity, w, ("after", i)) == ("after", i)
     assert w in dx.workers()
+
+
+def test_a_call_and_its_arguments_are_freed_once_it_returns(cluster: list[int]) -> None:
+    """The reader that ran a call blocks for the next message on its link: it must not hold
+    the call meanwhile. Asked over another link (worker to worker), which leaves that one
+    blocked, the argument must already be gone."""
+    w2, w3 = cluster
+
+    class Payload:
+        pass
+
+    def keep(obj: object) -> bool:
+        import weakref
+
+        import distexec
+
+        distexec._test_payload = weakref.ref(obj)  # type: ignore[attr-defined]
+        return True
+
+    def freed() -> bool:
+        import gc
+
+        import distexec
+
+        gc.collect()
+        return distexec._test_payload() is None  # type: ignore[attr-defined,no-any-return]
+
+    assert dx.remotecall_fetch(keep, w2, Payload())
+    assert dx.remotecall_fetch(lambda: dx.remotecall_fetch(freed, w2), w3)
