@@ -356,20 +356,20 @@ def startup_ssh(b: Backend, p: Mapping[str, Any]) -> Outcome:
 
     dx = importlib.import_module("distexec")
     n = p["workers"]
-    ready: dict[str, list[float]] = {"ssh": [], "local": []}
-    teardown: dict[str, list[float]] = {"ssh": [], "local": []}
-    setup: list[float] = []
+    kinds = ("ssh", "mux", "local")
+    ready: dict[str, list[float]] = {k: [] for k in kinds}
+    teardown: dict[str, list[float]] = {k: [] for k in kinds}
+    setup: dict[str, list[float]] = {"ssh": [], "mux": []}
     ospids: dict[str, list[int]] = {}
     with tempfile.TemporaryDirectory(prefix="dxb-ssh-") as tmp, SSHD(Path(tmp)) as server:
         server.check()
-        login_ms = server.time_logins(n)
         sshd_pid = server.pid
 
         def distinct(which: str) -> Callable[[list[int]], None]:
             def check(pids: list[int]) -> None:
                 if len(set(pids)) != n or os.getpid() in pids:
                     raise AssertionError(f"{n} {which} workers expected, answers from {pids}")
-                if which == "ssh" and sshd_pid is not None:
+                if which != "local" and sshd_pid is not None:
                     under = set(_procs.descendants(sshd_pid))
                     if not set(pids) <= under:
                         raise AssertionError(f"ssh workers {pids} are not sshd {sshd_pid}'s")
@@ -379,37 +379,43 @@ def startup_ssh(b: Backend, p: Mapping[str, Any]) -> Outcome:
 
         runs: dict[str, tuple[Any, dict[str, Any]]] = {
             "ssh": ([(server.destination, n)], server.addprocs_kw()),
+            "mux": ([(server.destination, n)], {**server.addprocs_kw(), "multiplex": True}),
             "local": (n, {}),
         }
         for r in range(p["rounds"]):
-            setup.append(server.time_logins(1))
-            for which in ("ssh", "local") if r % 2 == 0 else ("local", "ssh"):
+            setup["ssh"].append(server.time_logins(n))
+            setup["mux"].append(server.time_logins(1))
+            for which in kinds[r % 3 :] + kinds[: r % 3]:
                 arg, kw = runs[which]
                 up, down, _ = _ready_then_remove(dx, b, arg, kw, distinct(which))
                 ready[which].append(up)
                 teardown[which].append(down)
     med = {k: statistics.median(v) for k, v in ready.items()}
     med_down = {k: statistics.median(v) for k, v in teardown.items()}
-    setup_ms = statistics.median(setup)
+    med_setup = {k: statistics.median(v) for k, v in setup.items()}
+    local = med["local"]
     return Outcome(
         {
             "ssh_ready_ms": med["ssh"],
-            "local_ready_ms": med["local"],
-            "ready_ratio": med["ssh"] / med["local"],
-            "ssh_setup_ms": setup_ms,
-            "ready_ratio_setup_aside": (med["ssh"] - setup_ms) / med["local"],
+            "mux_ready_ms": med["mux"],
+            "local_ready_ms": local,
+            "ready_ratio": med["ssh"] / local,
+            "mux_ratio": med["mux"] / local,
+            "ssh_setup_ms": med_setup["ssh"],
+            "mux_setup_ms": med_setup["mux"],
+            "ready_ratio_setup_aside": (med["ssh"] - med_setup["ssh"]) / local,
+            "mux_ratio_setup_aside": (med["mux"] - med_setup["mux"]) / local,
             "ssh_teardown_ms": med_down["ssh"],
             "local_teardown_ms": med_down["local"],
             "teardown_ratio": med_down["ssh"] / med_down["local"],
-            "ssh_logins_ms": login_ms,
         },
         {
             "ssh_worker_ospids": ospids["ssh"],
+            "mux_worker_ospids": ospids["mux"],
             "local_worker_ospids": ospids["local"],
             "ready_ms_all": ready,
             "teardown_ms_all": teardown,
-            "ssh_setup_ms_all": setup,
-            "multiplex": True,
+            "setup_ms_all": setup,
             "destination": server.destination,
         },
     )

@@ -7,8 +7,8 @@ Julia: ``SSHManager``, what ``addprocs(["host", ("user@host:22", 2), ("host", "a
 How a worker starts
     One ``ssh`` session per worker (Julia starts one per host and has the first worker
     spawn the others; one per worker keeps every worker's lifetime tied to a session of its
-    own). With ``multiplex=True`` (the default) the sessions to one machine share one
-    connection (see "Multiplexing"): one login per machine, not one per worker. Sessions to
+    own). With ``multiplex=True`` the sessions to one machine share one connection (see
+    "Multiplexing"): one login per machine, not one per worker. Sessions to
     one machine start at most ``max_parallel`` at a time (sshd drops unauthenticated
     connections beyond ``MaxStartups``, 10 by default); a slot is held until the worker has
     printed something, i.e. its session runs. The command is::
@@ -35,8 +35,12 @@ The cookie
     A multiplexed session hands its stdin to the master; when its ssh dies, the master
     closes that session's channel, and only that worker sees EOF.
 
-Multiplexing (``multiplex=True``)
-    Each machine gets a master connection of ours, started before its first worker::
+Multiplexing (``multiplex=True``; off by default, as in Julia)
+    Worth it where logins are slow or limited (``MaxStartups``) and the login shell is
+    cheap: the master's lifeline runs one more login shell per machine, so where that shell
+    is slow (a ``.bashrc`` running ``pyenv init``: 170 ms on our CI machines) it costs more
+    than the logins it saves. Each machine gets a master connection of ours, started before
+    its first worker::
 
         ssh -T -a -x -o BatchMode=yes -o ControlMaster=yes -o ControlPath=SOCKET \\
             -o ControlPersist=no -o ClearAllForwardings=yes [sshflags] [-p port] \\
@@ -58,7 +62,7 @@ Multiplexing (``multiplex=True``)
     sshd allows 10 sessions per connection by default (``MaxSessions``; the lifeline holds
     one), so a machine gets one master per 9 workers; should a server allow fewer, ssh
     opens a connection of its own for each session refused (it says so on stderr).
-    ``multiplex=False``: every session logs in by itself, as before.
+    ``multiplex=False`` (the default): every session logs in by itself.
 
 Which address a worker listens on
     ``bind_addr`` from the spec if given; else the host if it is an IP address; else the
@@ -181,7 +185,7 @@ class _Options:
     def from_params(cls, params: Mapping[str, Any]) -> _Options:
         return cls(
             tunnel=_check_bool(params.get("tunnel", False), "tunnel"),
-            multiplex=_check_bool(params.get("multiplex", True), "multiplex"),
+            multiplex=_check_bool(params.get("multiplex", False), "multiplex"),
             sshflags=_argv_tuple(params.get("sshflags"), "sshflags"),
             max_parallel=_check_max_parallel(params.get("max_parallel", 10)),
             ssh=str(params.get("ssh") or "ssh"),
@@ -270,7 +274,7 @@ class SSHManager(ClusterManager):
 
     The keyword arguments are the defaults of ``addprocs``'s keywords of the same names:
     ``tunnel`` (reach each worker through an ``ssh -L`` forward), ``multiplex`` (one ssh
-    connection per machine, its workers' sessions multiplexed over it; default True),
+    connection per machine, its workers' sessions multiplexed over it; default False),
     ``sshflags`` (extra ssh options, e.g. ``("-F", cfg)`` or ``"-i key"``), ``max_parallel``
     (sessions opened at once per machine) and ``ssh`` (the client program). See the module
     docstring for how a worker is started, kept and stopped.
@@ -284,7 +288,7 @@ class SSHManager(ClusterManager):
         machines: Iterable[str | tuple[str, int | str]],
         *,
         tunnel: bool = False,
-        multiplex: bool = True,
+        multiplex: bool = False,
         sshflags: str | Sequence[str] = (),
         max_parallel: int = 10,
         ssh: str = "ssh",

@@ -81,12 +81,17 @@ def test_startup_ssh_times_four_ssh_and_four_local_workers(doc: dict[str, Any]) 
     entry = _entry(doc, "startup_ssh")
     for r in entry["runs"]:
         m, info = r["metrics"], r["info"]
-        for key in ("ssh_ready_ms", "local_ready_ms", "ssh_teardown_ms", "local_teardown_ms"):
+        for key in ("ssh_ready_ms", "mux_ready_ms", "local_ready_ms", "ssh_teardown_ms"):
             assert m[key] > 0, (key, m)
         assert m["ready_ratio"] == pytest.approx(m["ssh_ready_ms"] / m["local_ready_ms"])
-        assert m["ssh_logins_ms"] > 0
+        assert m["mux_ratio"] == pytest.approx(m["mux_ready_ms"] / m["local_ready_ms"])
+        assert m["ssh_setup_ms"] > 0 and m["mux_setup_ms"] > 0
+        assert m["ready_ratio_setup_aside"] == pytest.approx(
+            (m["ssh_ready_ms"] - m["ssh_setup_ms"]) / m["local_ready_ms"]
+        )
         ssh_pids, local_pids = info["ssh_worker_ospids"], info["local_worker_ospids"]
         assert len(set(ssh_pids)) == 4 and len(set(local_pids)) == 4
+        assert len(set(info["mux_worker_ospids"])) == 4
         assert not set(ssh_pids) & set(local_pids)
         assert info["destination"].split("@")[1].startswith("127.0.0.1:")
     assert entry["summary"]["ssh_ready_ms"]["median"] > 0

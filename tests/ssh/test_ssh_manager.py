@@ -262,7 +262,7 @@ def _check(server: SSHServer, control_path: str) -> subprocess.CompletedProcess[
 @ssh
 @pytest.mark.timeout(60)
 def test_multiplexed_sessions_share_a_master_in_a_private_directory(sshd: SSHServer) -> None:
-    pids = dx.addprocs([(sshd.destination, 2)], **kw(sshd))
+    pids = dx.addprocs([(sshd.destination, 2)], **kw(sshd, multiplex=True))
     [master] = _masters()
     path = _control_path(master)
     assert all(f"ControlPath={path}" in s.cmdline() for s in _sessions())
@@ -286,7 +286,7 @@ def test_multiplexed_sessions_share_a_master_in_a_private_directory(sshd: SSHSer
 def test_one_workers_end_leaves_the_others_on_the_shared_connection(sshd: SSHServer) -> None:
     """A killed session takes its worker only; rmprocs of one leaves the others; the master
     ends with the last of them."""
-    pids = dx.addprocs([(sshd.destination, 3)], **kw(sshd))
+    pids = dx.addprocs([(sshd.destination, 3)], **kw(sshd, multiplex=True))
     [master] = _masters()
     path = _control_path(master)
     ospids = {p: dx.remotecall_fetch(os.getpid, p) for p in pids}
@@ -318,7 +318,7 @@ def test_a_master_carries_at_most_sessions_per_master(
     masters of ``_SESSIONS_PER_MASTER`` sessions each."""
     monkeypatch.setattr(ssh_manager, "_SESSIONS_PER_MASTER", 2)
     before = logins(sshd)
-    pids = dx.addprocs([(sshd.destination, 3)], **kw(sshd))
+    pids = dx.addprocs([(sshd.destination, 3)], **kw(sshd, multiplex=True))
     assert len(_masters()) == 2 and len(_sessions()) == 3
     assert logins(sshd) - before == 2
     assert [dx.remotecall_fetch(dx.myid, p) for p in pids] == pids
@@ -343,7 +343,7 @@ def test_count_auto_is_the_hosts_usable_cpus(sshd: SSHServer) -> None:
     from loky import cpu_count
 
     before = logins(sshd)
-    pids = dx.addprocs([(sshd.destination, "auto")], **kw(sshd))
+    pids = dx.addprocs([(sshd.destination, "auto")], **kw(sshd, multiplex=True))
     assert len(pids) == cpu_count()
     assert logins(sshd) - before == 1  # the question went over the workers' connection
 
@@ -505,7 +505,10 @@ sys.stdin.read()
 @pytest.mark.timeout(60)
 def test_master_death_ends_sessions_workers_and_tunnels(sshd: SSHServer) -> None:
     """SIGKILL the master: its ssh clients see stdin EOF, and so do the remote commands."""
-    options = {"dest": sshd.destination, **kw(sshd, sshflags=list(sshd.sshflags))}
+    options = {
+        "dest": sshd.destination,
+        **kw(sshd, sshflags=list(sshd.sshflags), multiplex=True),
+    }
     master = subprocess.Popen(
         [sys.executable, "-c", MASTER, json.dumps(options)],
         bufsize=0,
@@ -550,7 +553,10 @@ print(json.dumps([dx.remotecall_fetch(os.getpid, p) for p in pids]), flush=True)
 def test_a_master_that_exits_without_rmprocs_leaves_nothing(sshd: SSHServer) -> None:
     """Normal interpreter exit: the exit hooks remove the workers, the master connection
     ends, its control directory goes."""
-    options = {"dest": sshd.destination, **kw(sshd, sshflags=list(sshd.sshflags))}
+    options = {
+        "dest": sshd.destination,
+        **kw(sshd, sshflags=list(sshd.sshflags), multiplex=True),
+    }
     master = subprocess.Popen(
         [sys.executable, "-c", EXITING_MASTER, json.dumps(options)],
         stdout=subprocess.PIPE,
@@ -708,7 +714,7 @@ def test_a_manager_object_keeps_its_defaults(sshd: SSHServer) -> None:
 def test_workers_on_two_hosts_reach_each_other(netns_hosts: NetnsHosts) -> None:
     host_a, host_b = netns_hosts[0], netns_hosts[1]
     # One by ssh alias (bind address from $SSH_CONNECTION), one by user@addr:port.
-    pids = dx.addprocs([host_a.ssh_alias, host_b.destination], **kw(netns_hosts))
+    pids = dx.addprocs([host_a.ssh_alias, host_b.destination], **kw(netns_hosts, multiplex=True))
     assert len(pids) == 2
     assert len(_masters()) == 2  # one master connection per host
     namespaces = {f"net:[{os.stat(f'/run/netns/{h.name}').st_ino}]": h.addr for h in netns_hosts}
@@ -934,7 +940,7 @@ def test_repr_and_defaults() -> None:
     assert repr(manager) == "SSHManager([('a', 2), ('b:22', 2)], tunnel=True)"
     assert manager.default_params() == {
         "tunnel": True,
-        "multiplex": True,
+        "multiplex": False,
         "sshflags": (),
         "max_parallel": 10,
         "ssh": "ssh",
