@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -769,6 +769,33 @@ class ProcessGroup:
         except OSError as exc:
             self._peer_lost(peer, conn, exc)
             self._fail_pending(peer, cid)
+
+    def send_calls(
+        self, pid: WorkerId, calls: Sequence[tuple[int, list[bytes | memoryview], Sink]]
+    ) -> None:
+        """:meth:`send_call` for several prepared calls to *pid*, written together (one
+        wake-up of the worker for all): each must be one small part (``Connection.send_many``)."""
+        try:
+            conn = self.connection_to(pid)
+        except Exception as exc:
+            for _cid, _parts, sink in calls:
+                sink.set(False, exc)
+            return
+        peer = self._peers[pid]
+        with self._pending_lock:
+            for cid, _parts, sink in calls:
+                self._pending[cid] = sink
+                peer.pending.add(cid)
+        if peer.state is PeerState.TERMINATED:
+            for cid, _parts, _sink in calls:
+                self._fail_pending(peer, cid)
+            return
+        try:
+            conn.send_many([parts for _cid, parts, _sink in calls])
+        except OSError as exc:
+            self._peer_lost(peer, conn, exc)
+            for cid, _parts, _sink in calls:
+                self._fail_pending(peer, cid)
 
     def _fail_pending(self, peer: Peer, cid: int) -> None:
         with self._pending_lock:

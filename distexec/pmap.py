@@ -47,6 +47,7 @@ from .workerpool import AbstractWorkerPool, CachingPool, WorkerPool, default_wor
 
 #: Calls in flight per worker: enough to hide a round trip, few enough to lose little.
 _DEPTH_UNBATCHED = 4
+_GROUP_MAX_BYTES = 64 * 1024  # calls up to this size go out together (see PMap._flush)
 _DEPTH_BATCHED = 2
 #: Inputs cut into batches by slicing; subclasses may slice differently, so exact types only.
 _SLICED = (list, tuple, range)
@@ -212,6 +213,10 @@ class _Unit:
         self.done.put((self, ok, value))
 
 
+# Calls prepared by _Engine._send and not yet written, per worker: (call id, parts, unit).
+_Group = dict[WorkerId, list[tuple[int, list[bytes | memoryview], _Unit]]]
+
+
 class _Engine:
     def __init__(
         self,
@@ -316,7 +321,8 @@ class _Engine:
         self.exhausted = True
         return False
 
-    def _send(self, unit: _Unit) -> None:
+    def _send(self, unit: _Unit, group: _Group | None = None) -> None:
+        """Start *unit* on its worker; small calls wait in *group* for :meth:`_flush`."""
         self.inflight[unit.pid] = self.inflight.get(unit.pid, 0) + 1
         self.units_inflight += 1
         if self.local_exec is not None:
@@ -337,7 +343,22 @@ class _Engine:
             unit.cid = cid
             self.open[cid] = unit
             heapq.heappush(self.deadlines, (time.monotonic() + self.timeout, cid))
+        if group is not None and len(parts) == 1 and len(parts[0]) <= _GROUP_MAX_BYTES:
+            group.setdefault(unit.pid, []).append((cid, parts, unit))
+            return
         self.g.send_call(unit.pid, cid, parts, unit)
+
+    def _flush(self, group: _Group) -> None:
+        """Send the calls :meth:`_send` grouped, each worker's in one write: the worker is
+        woken once for all of them (on these VMs waking a process costs more than anything
+        else a message does)."""
+        for pid, calls in group.items():
+            if len(calls) == 1:
+                cid, parts, unit = calls[0]
+                self.g.send_call(pid, cid, parts, unit)
+            else:
+                self.g.send_calls(pid, calls)
+        group.clear()
 
     def _run_local(self, unit: _Unit) -> None:
         item = unit.items[0]
@@ -433,6 +454,7 @@ class _Engine:
                 while self.due and self.due[0][0] <= now:
                     _, idx, item = heapq.heappop(self.due)
                     self.ready.append((idx, item))
+                group: _Group = {}
                 while self.error is None:
                     if not self.workers:
                         if self.pool is not None:
@@ -449,7 +471,8 @@ class _Engine:
                     idxs, items = self._next_unit_items()
                     if not idxs:
                         break
-                    self._send(_Unit(idxs, items, pid, self.done))
+                    self._send(_Unit(idxs, items, pid, self.done), group)
+                self._flush(group)
                 if self.units_inflight == 0 and (
                     self.error is not None or (self.exhausted and not self.ready and not self.due)
                 ):

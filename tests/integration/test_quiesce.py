@@ -10,6 +10,8 @@ returns, and nothing may keep their Thread objects (not even a reference cycle).
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Iterable
 
 import helpers
 import pytest
@@ -19,11 +21,34 @@ import distexec as dx
 pytestmark = pytest.mark.timeout(60)
 
 
+class _Baseline:
+    """What ``threading_cleanup`` compares: threads running, and Thread objects alive (no gc
+    first), taken before the test; ``new()`` gives distexec's that were not there then."""
+
+    def __init__(self) -> None:
+        self.before = weakref.WeakSet(threading._dangling)  # type: ignore[attr-defined]
+
+    def new(self) -> tuple[list[str], list[str]]:
+        def ours(threads: Iterable[threading.Thread]) -> list[str]:
+            return [
+                t.name for t in threads if t.name.startswith("distexec") and t not in self.before
+            ]
+
+        alive = list(threading._dangling)  # type: ignore[attr-defined]
+        return ours(threading.enumerate()), ours(alive)
+
+
 def _ours() -> tuple[list[str], list[str]]:
-    """distexec's running threads, and its Thread objects still alive (no gc first)."""
-    running = [t.name for t in threading.enumerate() if t.name.startswith("distexec")]
-    alive = [t.name for t in list(threading._dangling) if t.name.startswith("distexec")]  # type: ignore[attr-defined]
-    return running, alive
+    return _BASELINE.new()
+
+
+_BASELINE = _Baseline()
+
+
+@pytest.fixture(autouse=True)
+def _baseline() -> None:
+    global _BASELINE
+    _BASELINE = _Baseline()
 
 
 def test_rmprocs_of_the_last_workers_leaves_no_thread(no_leaked_workers: None) -> None:
