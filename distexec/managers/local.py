@@ -151,7 +151,9 @@ def quiesce(timeout: float) -> None:
     deadline = time.monotonic() + timeout
     with _spawner_lock:
         spawner = _spawner
-        if spawner is not None:
+        if any(p.poll() is None for p in _children):
+            spawner = None  # it stays for them: nothing to wait for
+        elif spawner is not None:
             _spawn_jobs.put(None)  # look at the children now
     if spawner is not None and spawner is not threading.current_thread():
         spawner.join(timeout)
@@ -163,21 +165,18 @@ def quiesce(timeout: float) -> None:
 
 def _spawn_loop() -> None:
     global _spawner
-    children: list[subprocess.Popen[bytes]] = []
     while True:
         try:
-            job = _spawn_jobs.get(timeout=_SPAWNER_POLL if children else 0.05)
+            job = _spawn_jobs.get(timeout=_SPAWNER_POLL if _children else 0.05)
             if job is None:
                 raise Empty  # quiesce(): look now
             argv, kwargs, done = job
             del job
         except Empty:
-            # poll() may reap one that exited; Popen keeps its code for whoever stops it.
-            children = [p for p in children if p.poll() is None]
-            if children:
-                continue
             with _spawner_lock:
-                if _spawn_jobs.empty():
+                # poll() may reap one that exited; Popen keeps its code for whoever stops it.
+                _children[:] = [p for p in _children if p.poll() is None]
+                if not _children and _spawn_jobs.empty():
                     _spawner = None
                     return
             continue
@@ -186,7 +185,8 @@ def _spawn_loop() -> None:
         except BaseException as exc:
             done.put((False, exc))
         else:
-            children.append(proc)
+            with _spawner_lock:
+                _children.append(proc)
             done.put((True, proc))
             del proc
         del argv, kwargs, done
@@ -202,7 +202,8 @@ _spawn_jobs: SimpleQueue[tuple[list[str], dict[str, Any], SimpleQueue[tuple[bool
     SimpleQueue()
 )
 _spawner: threading.Thread | None = None
-_spawner_lock = threading.Lock()
+_spawner_lock = threading.Lock()  # guards: _spawner, _children
+_children: list[subprocess.Popen[bytes]] = []  # the spawner's, until seen reaped
 
 
 def read_banner(
