@@ -350,6 +350,7 @@ class DistributedExecutor(cf.Executor):
         self._killing: set[WorkerId] = set()  # killed by us: their other calls run again
         self._hit: set[int] = set()  # call ids an interrupt for a cancel also reached
         self._dead: set[WorkerId] = set()  # found gone while sending; the lost-hook follows
+        self._retirers: list[threading.Thread] = []  # removing retired workers (max_tasks)
         self._sending: _Item | None = None  # the call being handed to send_call
         # ProcessPoolExecutor's names for its state (see the module docstring); one dict for
         # the executor's life, so a reference taken early sees every worker it ever owned.
@@ -510,6 +511,9 @@ class DistributedExecutor(cf.Executor):
                     if self._manager is manager:
                         self._manager = None
                         self._call_queue._thread = None
+                    retirers, self._retirers = self._retirers, []
+                for retirer in retirers:  # workers retired for max_tasks_per_child
+                    retirer.join()
                 if self._given is None:  # our own workers are gone: maybe the last ones
                     _api.quiesce()
             elif manager is None:
@@ -901,7 +905,12 @@ class DistributedExecutor(cf.Executor):
             self._slots.pop(pid, None)
             self._owned.discard(pid)
             self._unregister_process_locked(pid)
-            threading.Thread(target=_quiet_rmprocs, args=(pid,), daemon=True).start()
+            retirer = threading.Thread(
+                target=_quiet_rmprocs, args=(pid,), name=f"distexec-retire-{pid}", daemon=True
+            )
+            self._retirers = [t for t in self._retirers if t.is_alive()]
+            self._retirers.append(retirer)
+            retirer.start()
 
     def _fail_all_locked(self) -> None:
         err = BrokenProcessPool(self._broken)
