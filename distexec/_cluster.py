@@ -1026,7 +1026,11 @@ class ProcessGroup:
                 time.sleep(wait)
             else:
                 for fd, _events in poll.poll(wait):
-                    self._wake_idle(fd)
+                    try:
+                        self._wake_idle(fd)
+                    except Exception as exc:  # pragma: no cover - the runner is closed
+                        # This thread must live on: quiet links have no other reader.
+                        _log(f"watchdog: no reader for a quiet link: {exc}")
             if not self._inline:
                 if not self._idle and not self.has_links():
                     with self._inline_lock, self._read_lock:
