@@ -123,7 +123,7 @@ from typing import IO, Any
 from .._machinefile import Machine, merge_machines
 from ..errors import LaunchError, WorkerTimeoutError
 from .base import ClusterManager, WorkerConfig
-from .local import BANNER, _parse_banner
+from .local import BANNER, _parse_banner, stop_process
 
 __all__ = ["SSHManager"]
 
@@ -1218,17 +1218,7 @@ class _Master:
         self.release()
         proc = self.proc
         if proc is not None:
-            for step in (None, proc.terminate, proc.kill):
-                if step is not None and proc.poll() is None:
-                    try:
-                        step()
-                    except ProcessLookupError:  # pragma: no cover
-                        pass
-                try:
-                    proc.wait(grace if step is None else 2.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_process(proc, grace=grace)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(5.0)
@@ -1420,17 +1410,7 @@ class _Tunnel:
                 proc.stdin.close()
             except OSError:
                 pass
-        for step in (None, proc.terminate, proc.kill):
-            if step is not None and proc.poll() is None:
-                try:
-                    step()
-                except ProcessLookupError:  # pragma: no cover
-                    pass
-            try:
-                proc.wait(2.0)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process(proc)
         self._stopped.set()
 
     def _write(self, data: bytes) -> None:
