@@ -1137,7 +1137,7 @@ class ProcessGroup:
         except (EOFError, OSError) as exc:
             error = exc
         finally:
-            if error is None and not (not to_thread and self._go_idle(peer, conn)):
+            if error is None and (to_thread or not self._go_idle(peer, conn)):
                 conn.reading = _THREAD
                 self.runner.submit(self._read_loop, peer, conn)
         if error is not None:

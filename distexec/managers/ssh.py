@@ -767,6 +767,11 @@ def _discard(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
     except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
         pass
+    _close_streams(proc)
+
+
+def _close_streams(proc: subprocess.Popen[bytes]) -> None:
+    """Close our ends of *proc*'s pipes (an error closing one changes nothing)."""
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             try:
@@ -1256,12 +1261,7 @@ class _Master:
                             _log_line(f"ssh master connection to {self.machine.spec}", line)
             proc.wait()
         finally:
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    try:
-                        stream.close()
-                    except OSError:
-                        pass
+            _close_streams(proc)
             shutil.rmtree(self.directory, ignore_errors=True)
             with _masters_lock:
                 _masters.discard(self)
