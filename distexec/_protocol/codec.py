@@ -5,8 +5,10 @@ Layer: L2 protocol. Imports: stdlib, cloudpickle, distexec.errors, messages, tra
 
 from __future__ import annotations
 
+import io
 import pickle
 import threading
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,7 +16,7 @@ import cloudpickle
 
 from .._transport import framing
 from ..errors import SerializationError
-from . import messages
+from . import byvalue, messages
 from .messages import MSG_TYPES, Message
 
 #: Buffers smaller than this stay in the pickle stream: a frame of their own costs more.
@@ -28,7 +30,9 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     bytes for everything importable. Its output is kept unless it names ``__main__`` (or a
     module registered for pickling by value), the one case where pickling by reference would
     not work on the other side; anything else cloudpickle handles (lambdas, local classes)
-    makes the C pickler fail. Then cloudpickle pickles it by value.
+    makes the C pickler fail. Then the functions of ``__main__`` in it (lambdas and closures
+    too) are replaced by their cached pickles (:mod:`byvalue`), if they all have one and
+    nothing else needs cloudpickle; otherwise cloudpickle pickles the whole of it by value.
 
     Raises:
         SerializationError: *obj* cannot be pickled; the original error is the cause.
@@ -103,10 +107,13 @@ def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     try:
         body = pickle.dumps(obj, 5, buffer_callback=keep_out_of_band)
     except (Exception, SystemExit):  # a __reduce__ that exits is user code failing to pickle
-        body = b""
+        pass  # a lambda or a closure of __main__, or something only cloudpickle can do
     else:
         if _BY_VALUE_MARK not in body and not _by_value_modules():
             return body, buffers
+    buffers.clear()
+    if (cached := _dumps_cached(obj, keep_out_of_band)) is not None:
+        return cached, buffers
     buffers.clear()
     try:
         body = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band)
@@ -118,6 +125,51 @@ def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
 
 
 _BY_VALUE_MARK = b"__main__"
+
+
+class _Uncached(Exception):
+    """A function of ``__main__`` has no cached pickle (yet): cloudpickle the message."""
+
+
+class _CachedPickler(pickle.Pickler):
+    """The C pickler, with each function pickled by value (of ``__main__``, or of a module
+    registered for it) replaced by its cached pickle."""
+
+    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], bool]):
+        super().__init__(file, 5, buffer_callback=buffer_callback)
+        self.blobs: list[bytes] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.FunctionType:
+            module = obj.__module__
+            if type(module) is str and byvalue.by_value(module):
+                blob = byvalue.blob_for(obj)
+                if blob is None:
+                    raise _Uncached
+                self.blobs.append(blob)
+                return byvalue.load, (blob,)
+        elif _registry and isinstance(obj, type) and byvalue.by_value(obj.__module__):
+            raise _Uncached  # a class of a module pickled by value ("__main__" is counted)
+        return NotImplemented
+
+
+def _dumps_cached(
+    obj: object, buffer_callback: Callable[[pickle.PickleBuffer], bool]
+) -> bytes | None:
+    """*obj* pickled with the cached pickles of its by-value functions; None if one has none,
+    or if something else in it must be pickled by value (a class of ``__main__``, ...)."""
+    out = io.BytesIO()
+    pickler = _CachedPickler(out, buffer_callback)
+    try:
+        pickler.dump(obj)
+    except (Exception, SystemExit):  # _Uncached, or whatever cloudpickle will report again
+        return None
+    body = out.getvalue()
+    # Each blob is written once (pickle memoizes it); any other "__main__" is something the
+    # C pickler named by reference, which the receiver could not import.
+    if body.count(_BY_VALUE_MARK) != sum(b.count(_BY_VALUE_MARK) for b in pickler.blobs):
+        return None
+    return body
 
 
 def _by_value_modules() -> bool:

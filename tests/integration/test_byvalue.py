@@ -1,0 +1,185 @@
+"""Functions of ``__main__`` reuse their pickle while what they capture stays the same object.
+
+A worker cannot import the master's script, so such a function travels by value. From its
+second use its pickle is cached (``distexec._protocol.byvalue``); these tests check, on real
+workers, that every change cloudpickle would have carried still arrives: a global rebound or
+mutated in place, a helper redefined, defaults or code replaced, a closure cell rebound. The
+functions are made by ``exec`` in a namespace named ``__main__``, which is what a script's
+functions are to pickle.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import distexec as dx
+from distexec._protocol import byvalue, codec
+
+pytestmark = pytest.mark.timeout(60)
+
+_CACHED = b"distexec._protocol.byvalue"
+
+
+def script(src: str) -> dict[str, Any]:
+    """Run *src* as if it were the master's script: its functions belong to ``__main__``."""
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(textwrap.dedent(src), ns)
+    return ns
+
+
+def calls(fn: Callable[..., object], pid: int, n: int = 3, *args: object) -> list[object]:
+    return [dx.remotecall_fetch(fn, pid, *args) for _ in range(n)]
+
+
+def body_of(obj: object) -> bytes:
+    body, _buffers = codec.dumps(obj)
+    return body
+
+
+# -- the codec, in this process
+
+
+def test_the_second_use_on_sends_the_cached_pickle() -> None:
+    ns = script("def f(x):\n    return x + 1\n")
+    f = ns["f"]
+    assert f.__module__ == "__main__"
+    first, second, third = (body_of((f, (1,))) for _ in range(3))
+    assert _CACHED not in first  # first use: cloudpickle, nothing kept but a note
+    assert _CACHED in second and _CACHED in third
+    g, args = codec.loads(third)
+    assert g is not f and g(*args) == 2
+
+
+def test_lambdas_and_closures_of_main_are_cached_too() -> None:
+    ns = script("def make(k):\n    return lambda x: x * k\nf = make(3)\n")
+    f = ns["f"]
+    for _ in range(2):
+        body_of(f)
+    body = body_of(f)
+    assert _CACHED in body
+    assert codec.loads(body)(5) == 15
+
+
+def test_a_class_of_main_beside_it_makes_the_whole_message_go_through_cloudpickle() -> None:
+    ns = script("class C:\n    v = 4\ndef f(c):\n    return c.v\n")
+    f, c = ns["f"], ns["C"]()
+    for _ in range(3):
+        body_of(f)
+    body = body_of((f, c))
+    assert _CACHED not in body
+    g, obj = codec.loads(body)
+    assert g(obj) == 4
+
+
+def test_a_function_capturing_a_mutable_global_is_never_cached() -> None:
+    ns = script("L = [1, 2]\ndef f():\n    return sum(L)\n")
+    for _ in range(4):
+        assert _CACHED not in body_of(ns["f"])
+
+
+def test_only_what_pickles_the_same_while_it_is_the_same_object_counts_as_safe() -> None:
+    ns = script(
+        """
+        import math
+        T = (1, "a", (2.0, None), frozenset({3}))
+        D = {"k": 1}
+        def f(x: int, y: "str" = "s", *, z: tuple[int, ...] = (1,)) -> list[int]:
+            return [math.floor(x), len(T)]
+        def g():
+            return D
+        """
+    )
+    assert byvalue._snapshot(ns["f"], {}) is not None
+    assert byvalue._snapshot(ns["g"], {}) is None
+
+
+# -- on a worker: every change still arrives
+
+
+def test_a_rebound_global_arrives(cluster: list[int]) -> None:
+    ns = script("K = 1\ndef f():\n    return K\n")
+    assert calls(ns["f"], cluster[0]) == [1, 1, 1]
+    ns["K"] = 2
+    assert calls(ns["f"], cluster[0], 2) == [2, 2]
+    ns["K"] = "two"
+    assert dx.remotecall_fetch(ns["f"], cluster[0]) == "two"
+
+
+def test_a_global_mutated_in_place_arrives(cluster: list[int]) -> None:
+    ns = script("L = [1]\ndef f():\n    return sum(L)\n")
+    assert calls(ns["f"], cluster[0]) == [1, 1, 1]
+    ns["L"].append(2)
+    assert dx.remotecall_fetch(ns["f"], cluster[0]) == 3
+
+
+def test_a_redefined_helper_arrives(cluster: list[int]) -> None:
+    ns = script("def h():\n    return 1\ndef f():\n    return h() + 10\n")
+    assert calls(ns["f"], cluster[0]) == [11, 11, 11]
+    exec("def h():\n    return 2\n", ns)
+    assert dx.remotecall_fetch(ns["f"], cluster[0]) == 12
+
+
+def test_a_helper_whose_own_global_changed_arrives(cluster: list[int]) -> None:
+    ns = script("N = 1\ndef h():\n    return N\ndef f():\n    return h()\n")
+    assert calls(ns["f"], cluster[0]) == [1, 1, 1]
+    ns["N"] = 5
+    assert dx.remotecall_fetch(ns["f"], cluster[0]) == 5
+
+
+def test_new_defaults_code_and_names_arrive(cluster: list[int]) -> None:
+    ns = script("def f(x=1):\n    return x\ndef g(x=1):\n    return -x\n")
+    f = ns["f"]
+    assert calls(f, cluster[0]) == [1, 1, 1]
+    f.__defaults__ = (7,)
+    assert dx.remotecall_fetch(f, cluster[0]) == 7
+    f.__code__ = ns["g"].__code__
+    assert dx.remotecall_fetch(f, cluster[0]) == -7
+    f.__doc__ = "changed"
+    assert dx.remotecall_fetch(lambda fn: fn.__doc__, cluster[0], f) == "changed"
+
+
+def test_a_rebound_closure_cell_arrives(cluster: list[int]) -> None:
+    ns = script(
+        """
+        def make():
+            k = 1
+            def f():
+                return k
+            def bump():
+                nonlocal k
+                k += 1
+            return f, bump
+        f, bump = make()
+        """
+    )
+    f = ns["f"]
+    assert calls(f, cluster[0]) == [1, 1, 1]
+    ns["bump"]()
+    assert dx.remotecall_fetch(f, cluster[0]) == 2
+
+
+def test_each_call_still_gets_fresh_globals_on_the_worker(cluster: list[int]) -> None:
+    ns = script("C = 0\ndef f():\n    global C\n    C += 1\n    return C\n")
+    assert calls(ns["f"], cluster[0], 5) == [1] * 5
+
+
+def test_a_function_that_attributes_were_given_is_sent_afresh(cluster: list[int]) -> None:
+    ns = script("def f():\n    return f.tag\n")
+    f = ns["f"]
+    f.tag = "a"
+    assert calls(f, cluster[0]) == ["a"] * 3
+    f.tag = "b"
+    assert dx.remotecall_fetch(f, cluster[0]) == "b"
+
+
+def test_the_executor_and_pmap_send_cached_functions_too(cluster: list[int]) -> None:
+    ns = script("OFFSET = 100\ndef f(x):\n    return x + OFFSET\n")
+    assert dx.pmap(ns["f"], range(6)) == [100, 101, 102, 103, 104, 105]
+    with dx.DistributedExecutor(pool=dx.WorkerPool(cluster)) as ex:
+        assert [ex.submit(ns["f"], i).result() for i in range(4)] == [100, 101, 102, 103]
+        ns["OFFSET"] = 0
+        assert list(ex.map(ns["f"], range(4))) == [0, 1, 2, 3]
