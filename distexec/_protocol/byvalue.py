@@ -11,14 +11,15 @@ everything cloudpickle would capture is the same object as before, and every suc
 immutable (numbers, strings, tuples of them) or pickled by reference (modules, importable
 functions and classes). A function capturing anything mutable (a list, a dict, a class or an
 instance of ``__main__``) is pickled afresh every call, as before, so a change made in place is
-never missed. The receiver unpickles the blob every call: each call gets fresh globals, exactly as
-with a whole-message cloudpickle.
+never missed. The receiver unpickles a blob once and gives each call a fresh copy of it (fresh
+globals, fresh closure cells), exactly what a whole-message cloudpickle gives.
 
 A function is cached only from its second use, so lambdas made for one call cost nothing extra.
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
 import types
 import weakref
@@ -126,10 +127,135 @@ def _build(fn: types.FunctionType, rebuilds: int) -> _Snap:
 
 
 def load(blob: bytes) -> Any:
-    """Rebuild a function from its blob (the receiver's side; runs at unpickling)."""
-    import pickle
+    """Rebuild a function from its blob (the receiver's side; runs at unpickling).
 
-    return pickle.loads(blob)
+    The blob is unpickled once into a template that is never called; each call gets a copy
+    made as unpickling would make it (new globals, new closure cells, new copies of the
+    by-value functions it refers to), which costs a fifth of unpickling it again.
+    """
+    template = _templates.get(blob)
+    if template is None:
+        template = _Template(pickle.loads(blob))
+        if len(_templates) >= _MAX_TEMPLATES:
+            _templates.clear()
+        _templates[blob] = template
+    return template.fresh()
+
+
+_MAX_TEMPLATES = 256
+
+
+class _Template:
+    """A by-value function as unpickled once, and how to copy it and what it refers to.
+
+    The sender caches a blob only if everything the function captures is immutable, pickled by
+    reference, or another by-value function (see :func:`_safe`): the copies share the former
+    and copy the latter, which are the functions whose globals are not their module's.
+    """
+
+    __slots__ = ("fns", "globals_", "simple")
+
+    def __init__(self, root: types.FunctionType) -> None:
+        fns: dict[int, types.FunctionType] = {}
+        stack = [root]
+        while stack:
+            fn = stack.pop()
+            if id(fn) in fns:
+                continue
+            fns[id(fn)] = fn
+            for value in _references(fn):
+                if type(value) is types.FunctionType and _dynamic(value):
+                    stack.append(value)
+        self.fns = list(fns.values())  # the root first
+        self.globals_ = {id(fn.__globals__): fn.__globals__ for fn in self.fns}
+        # One function without a closure that does not refer to itself: nothing to remap.
+        self.simple = (
+            len(self.fns) == 1
+            and root.__closure__ is None
+            and all(value is not root for value in _references(root))
+        )
+
+    def fresh(self) -> types.FunctionType:
+        new_globals = {gid: dict(g) for gid, g in self.globals_.items()}
+        copies: dict[int, types.FunctionType] = {}
+        for fn in self.fns:
+            closure = None
+            if fn.__closure__ is not None:
+                closure = tuple(types.CellType() for _ in fn.__closure__)
+            new = types.FunctionType(
+                fn.__code__, new_globals[id(fn.__globals__)], fn.__name__, None, closure
+            )
+            new.__qualname__ = fn.__qualname__
+            new.__module__ = fn.__module__
+            new.__doc__ = fn.__doc__
+            copies[id(fn)] = new
+        if self.simple:
+            fn, new = self.fns[0], copies[id(self.fns[0])]
+            new.__defaults__ = fn.__defaults__
+            if fn.__kwdefaults__:
+                new.__kwdefaults__ = dict(fn.__kwdefaults__)
+            if fn.__annotations__:
+                new.__annotations__ = dict(fn.__annotations__)
+            return new
+        for g in new_globals.values():
+            for key, value in g.items():
+                if type(value) is types.FunctionType and id(value) in copies:
+                    g[key] = copies[id(value)]
+        for fn in self.fns:
+            new = copies[id(fn)]
+            new.__defaults__ = _remap(fn.__defaults__, copies)
+            if fn.__kwdefaults__:
+                new.__kwdefaults__ = {k: _remap(v, copies) for k, v in fn.__kwdefaults__.items()}
+            if fn.__annotations__:
+                new.__annotations__ = dict(fn.__annotations__)
+            if fn.__closure__ is not None:
+                assert new.__closure__ is not None
+                for old_cell, new_cell in zip(fn.__closure__, new.__closure__, strict=True):
+                    try:
+                        new_cell.cell_contents = _remap(old_cell.cell_contents, copies)
+                    except ValueError:
+                        pass  # an empty cell stays empty
+        return copies[id(self.fns[0])]
+
+
+_templates: dict[bytes, _Template] = {}
+
+
+def _references(fn: types.FunctionType) -> list[object]:
+    """What *fn* refers to that may be another by-value function (tuples opened)."""
+    found: list[object] = list(fn.__globals__.values())
+    if fn.__closure__ is not None:
+        for cell in fn.__closure__:
+            try:
+                found.append(cell.cell_contents)
+            except ValueError:
+                pass
+    found.extend(fn.__defaults__ or ())
+    found.extend((fn.__kwdefaults__ or {}).values())
+    out: list[object] = []
+    while found:
+        value = found.pop()
+        if type(value) is tuple or type(value) is frozenset:
+            found.extend(value)
+        else:
+            out.append(value)
+    return out
+
+
+def _dynamic(fn: types.FunctionType) -> bool:
+    """Whether *fn* was made by unpickling (its globals are not its module's)."""
+    module = sys.modules.get(fn.__module__) if isinstance(fn.__module__, str) else None
+    return getattr(module, "__dict__", None) is not fn.__globals__
+
+
+def _remap(value: Any, copies: dict[int, types.FunctionType]) -> Any:
+    if type(value) is types.FunctionType:
+        return copies.get(id(value), value)
+    if type(value) is tuple:
+        return tuple(_remap(v, copies) for v in value)
+    if type(value) is frozenset:
+        return frozenset(_remap(v, copies) for v in value)
+    return value
 
 
 # -- what a function captures, and whether it is still the same

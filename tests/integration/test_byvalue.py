@@ -183,3 +183,77 @@ def test_the_executor_and_pmap_send_cached_functions_too(cluster: list[int]) -> 
         assert [ex.submit(ns["f"], i).result() for i in range(4)] == [100, 101, 102, 103]
         ns["OFFSET"] = 0
         assert list(ex.map(ns["f"], range(4))) == [0, 1, 2, 3]
+
+
+# -- the receiver's copies
+
+
+def _received(fn: Callable[..., object]) -> list[Callable[..., Any]]:
+    """*fn* as three calls' receivers get it: the second and third from the cached pickle."""
+    out = []
+    for _ in range(3):
+        body = body_of(fn)
+        out.append(codec.loads(body))
+    assert _CACHED in body
+    return out
+
+
+def test_each_received_copy_has_its_own_globals_cells_and_helpers() -> None:
+    ns = script(
+        """
+        N = 0
+        def helper():
+            global N
+            N += 1
+            return N
+        def fact(n):
+            return 1 if n <= 1 else n * fact(n - 1)
+        def make():
+            k = 10
+            def f():
+                nonlocal k
+                k += 1
+                return (k, helper(), fact(4))
+            return f
+        f = make()
+        """
+    )
+    _, a, b = _received(ns["f"])
+    assert a() == (11, 1, 24) and a() == (12, 2, 24)
+    assert b() == (11, 1, 24)  # b shares nothing a changed
+    assert a.__globals__ is not b.__globals__
+    helper_a = a.__globals__["helper"]
+    assert helper_a.__globals__ is a.__globals__  # as one cloudpickle gives: one namespace
+    assert a.__globals__["fact"] is not b.__globals__["fact"]
+
+
+def test_a_recursive_function_calls_its_own_copy() -> None:
+    ns = script(
+        """
+        CALLS = 0
+        def fact(n):
+            global CALLS
+            CALLS += 1
+            return 1 if n <= 1 else n * fact(n - 1)
+        """
+    )
+    _, a, b = _received(ns["fact"])
+    assert a(5) == 120 and a.__globals__["CALLS"] == 5
+    assert b.__globals__["CALLS"] == 0
+    assert a.__globals__["fact"] is a
+
+
+def test_copies_keep_names_defaults_and_annotations() -> None:
+    ns = script(
+        '''
+        def f(x: int, y=2, *, z=3) -> int:
+            """doc"""
+            return x + y + z
+        '''
+    )
+    _, a, b = _received(ns["f"])
+    assert (a.__name__, a.__qualname__, a.__module__, a.__doc__) == ("f", "f", "__main__", "doc")
+    assert a(1) == 6 and a.__defaults__ == (2,) and a.__kwdefaults__ == {"z": 3}
+    assert a.__annotations__ == ns["f"].__annotations__ and a.__annotations__
+    a.__kwdefaults__["z"] = 100
+    assert b(1) == 6
