@@ -19,10 +19,12 @@ A function is cached only from its second use, so lambdas made for one call cost
 
 from __future__ import annotations
 
+import operator
 import pickle
 import sys
 import types
 import weakref
+from itertools import repeat
 from typing import Any
 
 import cloudpickle
@@ -106,7 +108,7 @@ def blob_for(fn: types.FunctionType) -> bytes | None:
         snap = _build(fn, 0)
     elif snap.blob is None:
         return None
-    elif not _unchanged(fn, snap, set()):
+    elif not _unchanged(fn, snap):
         snap = _build(fn, snap.rebuilds + 1)
     return snap.blob
 
@@ -310,28 +312,23 @@ def _snapshot(fn: types.FunctionType, seen: dict[int, _Snap]) -> _Snap | None:
     return snap
 
 
-def _unchanged(fn: types.FunctionType, snap: _Snap, checked: set[int]) -> bool:
+def _unchanged(fn: types.FunctionType, snap: _Snap, checked: set[int] | None = None) -> bool:
     """Whether everything *snap* recorded of *fn* is still the very same object."""
-    checked.add(id(fn))
     if (
         fn.__code__ is not snap.code
         or fn.__defaults__ is not snap.defaults
         or fn.__closure__ is not snap.closure
         or fn.__dict__
+        or fn.__name__ is not snap.meta[0]
+        or fn.__qualname__ is not snap.meta[1]
+        or fn.__module__ is not snap.meta[2]
+        or fn.__doc__ is not snap.meta[3]
     ):
         return False
-    name, qualname, module, doc = snap.meta
-    if (
-        fn.__name__ is not name
-        or fn.__qualname__ is not qualname
-        or fn.__module__ is not module
-        or fn.__doc__ is not doc
+    if snap.names and not all(
+        map(operator.is_, map(fn.__globals__.get, snap.names, repeat(_ABSENT)), snap.values)
     ):
         return False
-    g = fn.__globals__
-    for key, value in zip(snap.names, snap.values, strict=True):
-        if g.get(key, _ABSENT) is not value:
-            return False
     if snap.cells:
         assert snap.closure is not None
         for cell, value in zip(snap.closure, snap.cells, strict=True):
@@ -341,10 +338,16 @@ def _unchanged(fn: types.FunctionType, snap: _Snap, checked: set[int]) -> bool:
                 now = _EMPTY
             if now is not value:
                 return False
-    if not _same_items(fn.__kwdefaults__, snap.kwdefaults):
+    kw, ann = fn.__kwdefaults__, fn.__annotations__
+    if (kw or snap.kwdefaults) and not _same_items(kw, snap.kwdefaults):
         return False
-    if not _same_items(fn.__annotations__, snap.annotations or None):
+    if (ann or snap.annotations) and not _same_items(ann, snap.annotations):
         return False
+    if not snap.nested:
+        return True
+    if checked is None:
+        checked = set()
+    checked.add(id(fn))
     return all(
         id(inner) in checked or _unchanged(inner, inner_snap, checked)
         for inner, inner_snap in snap.nested

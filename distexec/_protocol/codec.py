@@ -104,14 +104,15 @@ def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
         buffers.append(raw)
         return False
 
-    try:
-        body = pickle.dumps(obj, 5, buffer_callback=keep_out_of_band)
-    except (Exception, SystemExit):  # a __reduce__ that exits is user code failing to pickle
-        pass  # a lambda or a closure of __main__, or something only cloudpickle can do
-    else:
-        if _BY_VALUE_MARK not in body and not _by_value_modules():
-            return body, buffers
-    buffers.clear()
+    if not _calls_main(obj):
+        try:
+            body = pickle.dumps(obj, 5, buffer_callback=keep_out_of_band)
+        except (Exception, SystemExit):  # a __reduce__ that exits: user code failing to pickle
+            pass  # a lambda or a closure of __main__, or something only cloudpickle can do
+        else:
+            if _BY_VALUE_MARK not in body and not _by_value_modules():
+                return body, buffers
+        buffers.clear()
     if (cached := _dumps_cached(obj, keep_out_of_band)) is not None:
         return cached, buffers
     buffers.clear()
@@ -125,6 +126,22 @@ def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
 
 
 _BY_VALUE_MARK = b"__main__"
+
+
+def _calls_main(obj: object) -> bool:
+    """Whether *obj* is a call (``(fn, args, ...)``) of a function of ``__main__``, directly or
+    through a wrapper that gets it as its first argument (the executor's): then the plain C
+    pass would only find out that it names ``__main__``, so it is skipped."""
+    if type(obj) is not tuple or not obj:
+        return False
+    fn = obj[0]
+    if type(fn) is types.FunctionType and fn.__module__ == "__main__":
+        return True
+    args = obj[1] if len(obj) > 1 else None
+    if type(args) is tuple and args:
+        fn = args[0]
+        return type(fn) is types.FunctionType and fn.__module__ == "__main__"
+    return False
 
 
 class _Uncached(Exception):
