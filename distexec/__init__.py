@@ -49,10 +49,7 @@ from .errors import RemoteException as RemoteException
 from .errors import SerializationError as SerializationError
 from .errors import TaskTimeoutError as TaskTimeoutError
 from .errors import VersionMismatchError as VersionMismatchError
-from .errors import WorkerDiedError as WorkerDiedError
-from .errors import WorkerLostError as WorkerLostError
 from .errors import WorkerTimeoutError as WorkerTimeoutError
-from .errors import WorkerUnresponsiveError as WorkerUnresponsiveError
 from .managers.base import ClusterManager as ClusterManager
 from .managers.base import WorkerConfig as WorkerConfig
 from .managers.local import LocalManager as LocalManager
@@ -83,6 +80,9 @@ if TYPE_CHECKING:
     from ._macros import sync as sync
     from ._macros import timedwait as timedwait
     from ._transport.tls import TLSConfig as TLSConfig
+    from .errors import WorkerDiedError as WorkerDiedError
+    from .errors import WorkerLostError as WorkerLostError
+    from .errors import WorkerUnresponsiveError as WorkerUnresponsiveError
     from .executor import DistributedExecutor as DistributedExecutor
     from .managers.elastic import ElasticManager as ElasticManager
     from .managers.ssh import SSHManager as SSHManager
@@ -92,7 +92,8 @@ if TYPE_CHECKING:
 # Loaded on first use: a worker (and a script that only calls remotecall) never pays for the
 # executor, pmap, the macros, SSH or TLS (PEP 562). The core above wires the runtime: the
 # reference store, pools' membership hooks and heartbeats must be in place before the first
-# message arrives.
+# message arrives. The BrokenProcessPool errors come from distexec.errors on first use too
+# (their base class costs an import of multiprocessing).
 _LAZY: dict[str, str] = {
     "init_worker": "._custom",
     "process_messages": "._custom",
@@ -107,6 +108,9 @@ _LAZY: dict[str, str] = {
     "sync": "._macros",
     "timedwait": "._macros",
     "TLSConfig": "._transport.tls",
+    "WorkerDiedError": ".errors",
+    "WorkerLostError": ".errors",
+    "WorkerUnresponsiveError": ".errors",
     "DistributedExecutor": ".executor",
     "ElasticManager": ".managers.elastic",
     "SSHManager": ".managers.ssh",

@@ -1,6 +1,6 @@
 """Every exception distexec raises, in one tree.
 
-Layer: L0 leaf. Imports: stdlib, concurrent.futures.
+Layer: L0 leaf. Imports: stdlib; ``distexec._worker_lost`` (on first use).
 
 ```text
 DistexecError(Exception)
@@ -25,13 +25,22 @@ DistexecError(Exception)
 
 Operations over several processes (``everywhere``, ``sync``) raise a builtin
 ``ExceptionGroup`` of these (Julia's ``CompositeException``).
+
+``WorkerLostError`` and its subclasses are defined in :mod:`distexec._worker_lost` and
+handed out here by the module's ``__getattr__`` on first use: their base
+``BrokenProcessPool`` costs an import of ``multiprocessing`` that a starting worker skips.
 """
 
 from __future__ import annotations
 
 import pickle
 import traceback
-from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._worker_lost import WorkerDiedError as WorkerDiedError
+    from ._worker_lost import WorkerLostError as WorkerLostError
+    from ._worker_lost import WorkerUnresponsiveError as WorkerUnresponsiveError
 
 __all__ = [
     "AuthenticationError",
@@ -198,48 +207,6 @@ def _rebuild(tp: type[BaseException], args: tuple[object, ...], state: dict[str,
     return ex
 
 
-class WorkerLostError(ProcessExitedException, BrokenProcessPool):
-    """A worker was lost while it ran this call; only the calls it held fail.
-
-    Also a ``BrokenProcessPool``, so code written for ``ProcessPoolExecutor`` that
-    catches that keeps working.
-    """
-
-
-class WorkerDiedError(WorkerLostError):
-    """The worker process is gone, or its link is.
-
-    ``exitcode`` is the process's exit status when this process started it (negative:
-    ``-signal``, as ``subprocess`` says it), else ``None``; ``stderr_tail`` holds the last
-    lines it wrote to stderr (a crash's faulthandler report among them); ``reason`` says what
-    is known in words ("killed by SIGSEGV", "connection reset by peer", ...).
-    """
-
-    def __init__(
-        self,
-        message: str = "",
-        *,
-        pid: int = -1,
-        exitcode: int | None = None,
-        stderr_tail: str = "",
-        reason: str = "",
-    ) -> None:
-        super().__init__(message, pid=pid)
-        self.exitcode = exitcode
-        self.stderr_tail = stderr_tail
-        self.reason = reason
-
-    @property
-    def signal(self) -> int | None:
-        """The signal that killed the worker, if one did."""
-        return -self.exitcode if self.exitcode is not None and self.exitcode < 0 else None
-
-
-class WorkerUnresponsiveError(WorkerDiedError):
-    """The worker stopped answering heartbeats (stopped, hung, or holding the GIL in a long C
-    call); it was killed and the calls it held failed. See ``distexec._heartbeat``."""
-
-
 class ClusterClosedError(DistexecError):
     """The process group, worker or executor was closed by this program."""
 
@@ -317,3 +284,22 @@ class TaskTimeoutError(DistexecError, TimeoutError):
 
 class ClusterError(DistexecError, RuntimeError):
     """A misuse of the cluster that Julia reports with ``ErrorException``."""
+
+
+_WORKER_LOST = ("WorkerDiedError", "WorkerLostError", "WorkerUnresponsiveError")
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the BrokenProcessPool errors load on first use (see the module docstring).
+    # The import system runs _worker_lost once, even when threads race here.
+    if name not in _WORKER_LOST:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import _worker_lost
+
+    value = getattr(_worker_lost, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WORKER_LOST})
