@@ -1,6 +1,9 @@
 """Julia-style free functions on this process's group: addprocs, rmprocs, procs, myid, ...
 
 Layer: L6 runtime/API. Imports: everything below.
+
+``subprocess`` is imported in the functions that look at a worker's process (pid 1's
+business): every worker imports this module, and none needs it.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ import atexit
 import concurrent.futures as cf
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -418,6 +420,8 @@ def _setup_worker(
     timeout: float,
     private: bool = False,
 ) -> WorkerId:
+    import subprocess
+
     deadline = time.monotonic() + timeout
     relay: _local.OutputRelay | None = None
     try:
@@ -509,6 +513,7 @@ def _setup_worker(
 def _start_relay(
     pid: WorkerId, config: WorkerConfig, private: bool = False
 ) -> _local.OutputRelay | None:
+    import subprocess
     import sys
 
     proc = config.process
@@ -526,6 +531,8 @@ def _start_relay(
 
 
 def _tail(config: WorkerConfig) -> str:
+    import subprocess
+
     proc = config.process
     if (
         isinstance(proc, subprocess.Popen)
@@ -544,6 +551,8 @@ def _tail(config: WorkerConfig) -> str:
 
 
 def _kill_failed(pid: WorkerId, config: WorkerConfig, manager: ClusterManager) -> None:
+    import subprocess
+
     g = _cluster.group()
     g.forget(pid, "failed to start")
     try:
@@ -566,6 +575,8 @@ def _describe_exit(peer: _cluster.Peer) -> str:
     """Why a worker's link dropped, from its process: an ``ExitReason`` with the exit code or
     signal and the last stderr lines (a crash's faulthandler report among them), added to
     the cause that whoever killed it recorded first (heartbeat, task timeout, cancel)."""
+    import subprocess
+
     cause = peer.exit_reason if isinstance(peer.exit_reason, _cluster.ExitReason) else None
     config = peer.config
     proc = config.process if config is not None else None
@@ -688,6 +699,8 @@ def quiesce(timeout: float = 1.0) -> bool:
 
 
 def _remove_one(g: _cluster.ProcessGroup, pid: WorkerId) -> None:
+    import subprocess
+
     peer = g.peer(pid)
     if peer is None:
         return

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import os
-import secrets
 import select
 import socket
 import sys
@@ -255,6 +254,8 @@ class ProcessGroup:
         """The cluster cookie, made on first use (random, 32 bytes of entropy)."""
         with self._lock:
             if self._cookie is None:
+                import secrets  # here: a worker is given its cookie and never makes one
+
                 self._cookie = secrets.token_hex(16).encode()
             return self._cookie
 

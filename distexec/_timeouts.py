@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _cluster
 from ._cluster import ExitReason, PeerState, Reply
 from ._ids import MASTER, RRID, WorkerId
 from .errors import TaskTimeoutError
+
+if TYPE_CHECKING:
+    import subprocess  # imported where a process is killed: a worker starts without it
 
 
 def kill_worker(pid: WorkerId, reason: ExitReason) -> bool:
@@ -37,6 +39,8 @@ def kill_worker(pid: WorkerId, reason: ExitReason) -> bool:
     and stderr tail join the reason), else the manager's ``kill`` (an SSH worker). On another
     process the peer is dropped here and pid 1 is asked to do the killing.
     """
+    import subprocess
+
     g = _cluster.group()
     peer = g.peer(pid)
     if peer is None or peer.state is PeerState.TERMINATED or peer.closing or pid == g.myid:
@@ -75,6 +79,8 @@ def _manager_kill(manager: Any, pid: WorkerId, config: Any) -> None:
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
+    import subprocess
+
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:  # pragma: no cover - a process in uninterruptible sleep

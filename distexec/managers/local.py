@@ -14,7 +14,6 @@ import json
 import os
 import selectors
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -22,10 +21,15 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from queue import Empty, SimpleQueue
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import LaunchError, WorkerTimeoutError
 from .base import ClusterManager, WorkerConfig
+
+if TYPE_CHECKING:
+    # Imported where a process is started or stopped: every worker imports this module (the
+    # package exports LocalManager), and none starts processes to begin with.
+    import subprocess
 
 BANNER = "distexec-worker "
 
@@ -72,6 +76,8 @@ class LocalManager(ClusterManager):
         launched: list[WorkerConfig],
         launch_ntfy: threading.Condition,
     ) -> None:
+        import subprocess
+
         bind = "127.0.0.1" if self.restrict else str(params.get("bind_addr") or "0.0.0.0")
         exename = params.get("exename")
         exeflags = tuple(params.get("exeflags") or ())
@@ -165,6 +171,8 @@ def quiesce(timeout: float) -> None:
 
 def _spawn_loop() -> None:
     global _spawner
+    import subprocess
+
     while True:
         try:
             job = _spawn_jobs.get(timeout=_SPAWNER_POLL if _children else 0.05)
@@ -333,6 +341,8 @@ class OutputRelay:
 
 def exit_description(proc: subprocess.Popen[bytes], wait: float = 0.5) -> tuple[int | None, str]:
     """The exit code of *proc* (waiting briefly) and a phrase describing it."""
+    import subprocess
+
     try:
         code = proc.wait(wait)
     except subprocess.TimeoutExpired:
@@ -350,6 +360,8 @@ def stop_process(
     proc: subprocess.Popen[bytes], *, grace: float = 2.0, term_grace: float = 2.0
 ) -> int:
     """Wait for *proc* to exit after it was asked to; then SIGTERM, then SIGKILL. Reaps it."""
+    import subprocess
+
     try:
         return proc.wait(grace)
     except subprocess.TimeoutExpired:
