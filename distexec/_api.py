@@ -247,11 +247,12 @@ def _check_network(manager: ClusterManager, params: dict[str, Any]) -> None:
     The cluster's links are all TLS or all plain: ``tls=None`` keeps what live workers use;
     another ``TLSConfig`` while workers exist is a ``ClusterError``.
     """
-    from ._transport.tls import TLSConfig
-
     tls = params["tls"]
-    if tls is not None and not isinstance(tls, TLSConfig):
-        raise TypeError(f"tls must be a TLSConfig, not {type(tls).__name__}")
+    if tls is not None:
+        from ._transport.tls import TLSConfig  # here: it imports ssl, which plain links skip
+
+        if not isinstance(tls, TLSConfig):
+            raise TypeError(f"tls must be a TLSConfig, not {type(tls).__name__}")
     allow = params["allow_insecure_network"]
     if not isinstance(allow, bool):
         raise TypeError(f"allow_insecure_network must be True or False, not {allow!r}")

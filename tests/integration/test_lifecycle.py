@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -125,6 +126,27 @@ def test_output_is_prefixed_with_the_worker_id() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert "From worker 2: ping" in out.stdout
+
+
+def test_plain_workers_start_without_what_they_do_not_use() -> None:
+    """Start-up speed: a worker that answered a call has not imported what only pid 1 (or a
+    later need) uses, and pid 1 adding plain (non-TLS) workers never imports ssl. Modules
+    the interpreter loads before distexec (site's .pth files) do not count."""
+    code = (
+        "import json, sys\n"
+        "at_start = set(sys.modules)\n"
+        "import distexec as dx\n"
+        "skipped = {'concurrent.futures.process', 'multiprocessing', 'secrets', 'ssl',\n"
+        "           'subprocess'} - at_start\n"
+        "(p,) = dx.addprocs(1)\n"
+        "there = dx.remotecall_fetch(lambda s: sorted(set(s) & sys.modules.keys()), p, skipped)\n"
+        "dx.rmprocs(p)\n"
+        "print(json.dumps({'worker': there, 'ssl here': 'ssl' in set(sys.modules) - at_start}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(out.stdout.splitlines()[-1]) == {"worker": [], "ssl here": False}
 
 
 def test_invalid_keyword_and_topology_errors() -> None:
