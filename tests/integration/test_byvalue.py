@@ -11,10 +11,13 @@ functions are to pickle.
 from __future__ import annotations
 
 import textwrap
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import distexec as dx
 from distexec._protocol import byvalue, codec
@@ -257,3 +260,110 @@ def test_copies_keep_names_defaults_and_annotations() -> None:
     assert a.__annotations__ == ns["f"].__annotations__ and a.__annotations__
     a.__kwdefaults__["z"] = 100
     assert b(1) == 6
+
+
+# -- any sequence of changes: the receiver's copy always agrees with the function itself
+
+_STATE = """
+import math
+N = 1
+S = "s"
+T = (1, 2)
+L = [1]
+def helper(x):
+    return x + N
+def f(a=0, *, b=1):
+    return (a, b, N, S, T, helper(a), math.floor(2.5))
+def g():
+    return (tuple(L), N)
+"""
+
+_CHANGES = st.sampled_from(
+    [
+        "N = N + 1",
+        "S = S + 'x'",
+        "T = T + (3,)",
+        "L.append(len(L))",
+        "L = (7,)",
+        "def helper(x):\n    return x - N",
+        "f.__defaults__ = (f.__defaults__[0] + 1,)",
+        "f.__kwdefaults__['b'] += 1",
+        "f.__kwdefaults__ = {'b': 5}",
+        "math = __import__('math')",
+        "del N",
+        "N = 3",
+    ]
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_CHANGES, st.integers(0, 3)), max_size=12))
+def test_whatever_changes_between_calls_the_receiver_sees_it(
+    steps: list[tuple[str, int]],
+) -> None:
+    ns = script(_STATE)
+    for change, calls_before in steps:
+        for _ in range(calls_before):
+            _check_agrees(ns, "f")
+            _check_agrees(ns, "g")
+        try:
+            exec(change, ns)
+        except (NameError, AttributeError):  # "N = N + 1" after "del N"; L a tuple
+            pass
+    for _ in range(3):
+        cached = _check_agrees(ns, "f")
+        _check_agrees(ns, "g")
+    if byvalue._cache.get(ns["f"]) is not byvalue._UNCACHEABLE:  # changed too often
+        assert cached  # three calls with no change in between: the third is cached
+
+
+def _check_agrees(ns: dict[str, Any], name: str) -> bool:
+    """Whether a call of *ns[name]* gives the same there as here; True if it was cached."""
+    fn = ns[name]
+    try:
+        expected: object = fn()
+    except NameError as exc:
+        expected = type(exc)
+    body = body_of(fn)
+    got = codec.loads(body)
+    try:
+        actual: object = got()
+    except NameError as exc:
+        actual = type(exc)
+    assert actual == expected
+    return _CACHED in body
+
+
+def test_threads_encoding_while_a_global_is_rebound_see_a_value_it_had() -> None:
+    ns = script("K = 0\ndef f():\n    return K\n")
+    f = ns["f"]
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def rebind() -> None:  # a few times only: past 8 rebuilds a function is not cached
+        for _ in range(6):
+            if stop.wait(0.003):
+                return
+            ns["K"] += 1
+
+    def encode() -> None:
+        for _ in range(400):
+            before = ns["K"]
+            got = codec.loads(body_of(f))()
+            after = ns["K"]
+            if not before <= got <= after:
+                errors.append(f"{got} outside [{before}, {after}]")
+
+    writer = threading.Thread(target=rebind)
+    writer.start()
+    try:
+        threads = [threading.Thread(target=encode) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+        writer.join()
+    assert not errors, errors[:5]
+    assert byvalue._cache[f] is not byvalue._UNCACHEABLE
