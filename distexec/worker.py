@@ -11,7 +11,6 @@ or when asked to.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import dataclasses
 import faulthandler
@@ -25,9 +24,16 @@ import sys
 import tempfile
 import threading
 import types
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import _config
+
+if TYPE_CHECKING:
+    import argparse
+
+    #: What :func:`main` reads its options from: :func:`parse_args`'s namespace, or the
+    #: one :func:`_quick_args` makes for a local worker's command line.
+    Args = argparse.Namespace | types.SimpleNamespace
 
 
 def _apply_sys_path() -> None:
@@ -81,6 +87,8 @@ def _watch_stdin(stop: threading.Event) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    import argparse
+
     ap = argparse.ArgumentParser(
         prog="distexec-worker",
         description="A distexec worker. The cluster cookie is read from stdin "
@@ -134,7 +142,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _tls_config(args: argparse.Namespace) -> Any:
+#: Every option's default, as :func:`parse_args` gives it (a test keeps the two in step).
+_DEFAULTS: dict[str, object] = {
+    "bind": None,
+    "port": 0,
+    "cookie_file": None,
+    "parent_death": False,
+    "unix": False,
+    "allow_insecure_network": False,
+    "join": None,
+    "tls_ca": None,
+    "tls_cert": None,
+    "tls_key": None,
+    "tls_hostname": None,
+    "tls_no_check_hostname": False,
+}
+_QUICK_FLAGS = {"--parent-death": "parent_death", "--unix": "unix"}
+_QUICK_VALUES = {"--bind": "bind"}
+
+
+def _quick_args(argv: list[str]) -> types.SimpleNamespace | None:
+    """The options of a command line made only of ``--bind ADDR``, ``--parent-death`` and
+    ``--unix``, each at most once, spelled out (LocalManager's), read without argparse:
+    importing it and building the parser cost about 3 ms of a local worker's start. ``None``
+    for any other command line, which :func:`parse_args` reads (and explains, if wrong)."""
+    options = dict(_DEFAULTS)
+    seen: set[str] = set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in seen:
+            return None
+        seen.add(arg)
+        if arg in _QUICK_FLAGS:
+            options[_QUICK_FLAGS[arg]] = True
+            i += 1
+        elif arg in _QUICK_VALUES and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            options[_QUICK_VALUES[arg]] = argv[i + 1]
+            i += 2
+        else:
+            return None
+    return types.SimpleNamespace(**options)
+
+
+def _tls_config(args: Args) -> Any:
     """The TLSConfig from the command line or the environment (None: plain TCP), with its
     files loaded; exits with status 2 if they do not load."""
     if not (args.tls_ca or args.tls_cert or os.environ.get("DISTEXEC_TLS_CA")):
@@ -162,7 +213,9 @@ def _tls_config(args: argparse.Namespace) -> Any:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run a worker until the master lets it go; never returns."""
-    args = parse_args(argv)
+    args: Args | None = _quick_args(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        args = parse_args(argv)
     if args.parent_death:
         _die_with_parent()
     # A crash (SIGSEGV, SIGABRT, ...) prints the crashing thread's stack to stderr, whose
@@ -263,7 +316,7 @@ def _listener(g: Any, sock: socket.socket, tls: Any) -> Any:
     return TLSListener(sock, tls.server_context())
 
 
-def _join_cluster(args: argparse.Namespace, cookie: bytes, tls: Any, allow: bool) -> NoReturn:
+def _join_cluster(args: Args, cookie: bytes, tls: Any, allow: bool) -> NoReturn:
     """``--join HOST:PORT``: dial pid 1's ElasticManager, answer its challenge (it proves
     itself second, so a stranger's port learns nothing), tell it where we listen for the
     other workers, and serve until let go. The link to pid 1 is this worker's lifeline."""

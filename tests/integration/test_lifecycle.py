@@ -129,15 +129,16 @@ def test_output_is_prefixed_with_the_worker_id() -> None:
 
 
 def test_plain_workers_start_without_what_they_do_not_use() -> None:
-    """Start-up speed: a worker that answered a call has not imported what only pid 1 (or a
-    later need) uses, and pid 1 adding plain (non-TLS) workers never imports ssl. Modules
-    the interpreter loads before distexec (site's .pth files) do not count."""
+    """Start-up speed: a local worker that answered a call has not imported what only pid 1
+    or a later need uses, nor argparse for LocalManager's options; pid 1 adding plain
+    (non-TLS) workers never imports ssl. Modules the interpreter loads before distexec
+    (site's .pth files) do not count."""
     code = (
         "import json, sys\n"
         "at_start = set(sys.modules)\n"
         "import distexec as dx\n"
-        "skipped = {'concurrent.futures.process', 'multiprocessing', 'secrets', 'ssl',\n"
-        "           'subprocess'} - at_start\n"
+        "skipped = {'argparse', 'concurrent.futures.process', 'multiprocessing', 'secrets',\n"
+        "           'ssl', 'subprocess'} - at_start\n"
         "(p,) = dx.addprocs(1)\n"
         "there = dx.remotecall_fetch(lambda s: sorted(set(s) & sys.modules.keys()), p, skipped)\n"
         "dx.rmprocs(p)\n"
