@@ -21,10 +21,8 @@ workers. Settings are process-wide: :func:`configure`. Julia has no heartbeats
 
 from __future__ import annotations
 
-import fcntl
 import socket
 import struct
-import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -264,6 +262,9 @@ def _unacknowledged(conn: object) -> bool:
     sock = getattr(conn, "sock", None)
     if getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
         return False  # AF_UNIX counts what the peer has not *read*: a stopped one never does
+    import fcntl  # here, on pid 1's heartbeat thread: every worker imports this module
+    import termios
+
     try:
         buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # type: ignore[union-attr]
         (queued,) = struct.unpack("i", buf)
