@@ -5,16 +5,18 @@ the bench's own modules, lazily, so that ``python -m distexec.bench._driver`` st
 
 Cases (``--list`` shows them): ``latency`` (sequential round trips of a trivial function),
 ``throughput`` (map over 200,000 small ints at the best chunk size), ``throughput_unbatched``
-(chunksize=1), ``bandwidth`` (a 100 MB float64 array to a worker and back), ``startup``
-(from nothing to 2 workers that each answered one call) and ``caching_pool`` (distexec only:
-100 calls of a closure over 50 MB through a ``CachingPool``, shipping included, against a
-module-level function with the array stashed on the workers by hand). Backends: ``raw_tcp``
-and ``raw_unix`` (the floor: pickle 5 over one socket per worker), ``ppe``
-(ProcessPoolExecutor), ``loky``, ``distexec`` (addprocs / remotecall_fetch / pmap) and
-``distexec_executor``. Opt-in (named, or ``--cases all``), distexec only, each with its own
-sshd (``_sshd``): ``startup_ssh`` (4 workers over SSH to 127.0.0.1 against 4 local ones) and
-``latency_ssh`` (round trips to a worker over SSH in another network namespace against local
-ones, with and without MACs).
+(chunksize=1), ``latency_main`` and ``throughput_unbatched_main`` (the same two with the
+function defined in the driver's ``__main__``, as in a user's script: distexec and loky ship it
+by value, ProcessPoolExecutor by reference; the raw floors keep the importable one),
+``bandwidth`` (a 100 MB float64 array to a worker and back), ``startup`` (from nothing to 2
+workers that each answered one call) and ``caching_pool`` (distexec only: 100 calls of a closure
+over 50 MB through a ``CachingPool``, shipping included, against a module-level function with
+the array stashed on the workers by hand). Backends: ``raw_tcp`` and ``raw_unix`` (the floor:
+pickle 5 over one socket per worker), ``ppe`` (ProcessPoolExecutor), ``loky``, ``distexec``
+(addprocs / remotecall_fetch / pmap) and ``distexec_executor``. Opt-in (named, or ``--cases
+all``), distexec only, each with its own sshd (``_sshd``): ``startup_ssh`` (4 workers over SSH
+to 127.0.0.1 against 4 local ones) and ``latency_ssh`` (round trips to a worker over SSH in
+another network namespace against local ones, with and without MACs).
 
 Every (case, backend, repetition) runs in a fresh driver process; each repetition runs every
 backend of a case in a row, in an order rotated per repetition; ratios are computed within a

@@ -76,24 +76,56 @@ def register_case(case: Case) -> Case:
 WORKERS = 2
 
 
+def _latency_params(s: Settings) -> dict[str, Any]:
+    return {"workers": WORKERS, "warmup": 50 if s.quick else 300, "calls": 500 if s.quick else 5000}
+
+
+def _latency_metrics(p: Mapping[str, Any]) -> tuple[Metric, ...]:
+    return (
+        Metric("median_us", "median µs", "lower", ratio="median"),
+        Metric("p99_us", "p99 µs", "lower"),
+        Metric("calls_per_s", "calls/s", "higher"),
+    )
+
+
+#: How the ``*_main`` cases get their function; said in their text.
+_MAIN_FUNCTION = (
+    "The function is main_identity, defined at the top level of the driver, which runs as "
+    "python -m distexec.bench._driver: a function of __main__, as one in a user's script is "
+    "(checked: its __module__ is '__main__'). distexec and loky workers do not import the "
+    "master's script, so it travels by value (cloudpickle, with whatever caching the library "
+    "does); ProcessPoolExecutor pickles it by reference and its workers find it in their copy "
+    "of __main__ (fork; spawn and forkserver re-import the driver as __mp_main__). The raw "
+    "floors still name dxb_tasks.identity by reference (their workers' __main__ is their own "
+    "script), so ÷ floor includes the by-value cost."
+)
+
 register_case(
     Case(
         name="latency",
         title="sequential round trips of identity(i)",
-        params=lambda s: {
-            "workers": WORKERS,
-            "warmup": 50 if s.quick else 300,
-            "calls": 500 if s.quick else 5000,
-        },
-        metrics=lambda p: (
-            Metric("median_us", "median µs", "lower", ratio="median"),
-            Metric("p99_us", "p99 µs", "lower"),
-            Metric("calls_per_s", "calls/s", "higher"),
-        ),
+        params=_latency_params,
+        metrics=_latency_metrics,
         explain=lambda p: (
             f"{p['calls']} calls one after another after {p['warmup']} warm-up calls, on one of "
             f"{p['workers']} workers; per-call µs (median, p99 within a driver); calls/s = calls "
             "/ total time. Raw floors name the function by reference, as pickle does."
+        ),
+        timeout_s=120.0,
+    )
+)
+
+register_case(
+    Case(
+        name="latency_main",
+        title="sequential round trips of identity(i), identity defined in __main__",
+        params=_latency_params,
+        metrics=_latency_metrics,
+        explain=lambda p: (
+            f"as latency: {p['calls']} calls one after another after {p['warmup']} warm-up "
+            f"calls, on one of {p['workers']} workers (distexec: remotecall_fetch; executors: "
+            "submit().result()); per-call µs (median, p99 within a driver); calls/s = calls / "
+            f"total time. {_MAIN_FUNCTION}"
         ),
         timeout_s=120.0,
     )
@@ -136,6 +168,20 @@ register_case(
         explain=lambda p: (
             f"as throughput, {p['items']} items, chunksize=1 (distexec: pmap batch_size=1; raw "
             "floors keep up to 8 requests in flight per worker)."
+        ),
+    )
+)
+
+register_case(
+    Case(
+        name="throughput_unbatched_main",
+        title="map identity over small ints, one item per task, identity defined in __main__",
+        params=lambda s: {"workers": WORKERS, "items": 1000 if s.quick else 20_000},
+        metrics=lambda p: (Metric("items_per_s", "items/s", "higher", ratio="items/s"),),
+        explain=lambda p: (
+            f"as throughput_unbatched: list(map(identity, range({p['items']}))) across "
+            f"{p['workers']} workers, chunksize=1 (distexec: pmap batch_size=1; raw floors keep "
+            f"up to 8 requests in flight per worker). {_MAIN_FUNCTION}"
         ),
     )
 )

@@ -9,6 +9,9 @@ another's threads, caches or children. The driver writes one JSON object to ``--
 ``{"ok": false, "error": "..."}``. Before it exits it ends, by pid, every descendant still alive
 after the backend's teardown, and lists them under ``leftover``; a ``resource_tracker`` is only
 listed, as it ignores SIGTERM and exits when this process does.
+
+Run as ``python -m``, this module is ``__main__``: ``main_identity`` below is then a function of
+``__main__``, as one defined in a user's script is (the ``*_main`` cases call it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,19 @@ from distexec.bench._measure import lookup
 
 #: Seconds the driver gives its descendants to exit on their own after teardown.
 EXIT_GRACE = 0.2
+
+
+def main_identity(x: object) -> object:
+    """Return *x*, like ``dxb_tasks.identity``, but defined at the top level of the script.
+
+    With the driver run as ``python -m distexec.bench._driver`` this is
+    ``__main__.main_identity``, just as ``def f(x): return x`` in a user's script is
+    ``__main__.f``. Workers that do not import the master's script get it by value (distexec,
+    loky: cloudpickle); ProcessPoolExecutor names it by reference and its workers find it in
+    their copy of ``__main__``. ``_measure.main_function`` fetches it from
+    ``sys.modules["__main__"]`` and refuses anything that is not a function of ``__main__``.
+    """
+    return x
 
 
 def run(case: str, backend: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -77,10 +78,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-@measure("latency")
-def latency(b: Backend, p: Mapping[str, Any]) -> Outcome:
-    """Sequential ``call(identity, i)``: per-call median and p99, and calls per second."""
-    fn = b.tasks.identity
+def _round_trips(b: Backend, fn: Callable[[Any], Any], p: Mapping[str, Any]) -> Outcome:
+    """Sequential ``call(fn, i)``, *fn* an identity: per-call median and p99, calls per second."""
     for i in range(p["warmup"]):
         b.call(fn, i)
     clock = time.perf_counter_ns
@@ -102,8 +101,49 @@ def latency(b: Backend, p: Mapping[str, Any]) -> Outcome:
             "p99_us": percentile(us, 99),
             "mean_us": statistics.fmean(us),
             "calls_per_s": calls / (total / 1e9),
-        }
+        },
+        {"function": f"{fn.__module__}.{fn.__qualname__}"},
     )
+
+
+@measure("latency")
+def latency(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """Sequential ``call(identity, i)``: per-call median and p99, and calls per second."""
+    return _round_trips(b, b.tasks.identity, p)
+
+
+#: Name of the identity function the driver defines in ``__main__`` (``_driver.main_identity``).
+MAIN_IDENTITY = "main_identity"
+
+
+def main_function(name: str = MAIN_IDENTITY) -> Callable[[Any], Any]:
+    """``__main__.<name>``: a function defined at the top level of the running script.
+
+    The driver defines it: run as ``python -m distexec.bench._driver``, its module is
+    ``__main__``. Anywhere else (the driver imported under its own name, run in-process by a
+    test) this raises, rather than measure an importable function under a ``__main__`` label.
+    """
+    main = sys.modules.get("__main__")
+    fn = getattr(main, name, None)
+    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
+        what = f"{fn.__module__}.{fn.__qualname__}" if isinstance(fn, types.FunctionType) else fn
+        raise RuntimeError(
+            f"__main__.{name} is {what}, not a function of __main__ ({main!r}): the *_main "
+            "cases need the driver run as python -m distexec.bench._driver"
+        )
+    return fn
+
+
+def _main_or_floor(b: Backend) -> Callable[[Any], Any]:
+    """The ``__main__`` identity; a raw floor's workers resolve functions by reference in their
+    own ``__main__`` (``dxb_echo``), so floors keep the importable one."""
+    return b.tasks.identity if b.kind == "floor" else main_function()
+
+
+@measure("latency_main")
+def latency_main(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """``latency`` with a function of the driver's ``__main__`` (raw floors: by reference)."""
+    return _round_trips(b, _main_or_floor(b), p)
 
 
 def _timed_map(b: Backend, fn: Any, items: list[int], chunksize: int) -> float:
@@ -132,13 +172,27 @@ def throughput(b: Backend, p: Mapping[str, Any]) -> Outcome:
     return Outcome(metrics)
 
 
+def _unbatched(b: Backend, fn: Callable[[Any], Any], p: Mapping[str, Any]) -> Outcome:
+    """``map(fn, range(items), chunksize=1)``, *fn* an identity: one task per item."""
+    items = list(range(p["items"]))
+    b.map(fn, items[:100], 1)
+    return Outcome(
+        {"items_per_s": len(items) / _timed_map(b, fn, items, 1)},
+        {"function": f"{fn.__module__}.{fn.__qualname__}"},
+    )
+
+
 @measure("throughput_unbatched")
 def throughput_unbatched(b: Backend, p: Mapping[str, Any]) -> Outcome:
     """``map(identity, range(items), chunksize=1)``: one task per item."""
-    fn = b.tasks.identity
-    items = list(range(p["items"]))
-    b.map(fn, items[:100], 1)
-    return Outcome({"items_per_s": len(items) / _timed_map(b, fn, items, 1)})
+    return _unbatched(b, b.tasks.identity, p)
+
+
+@measure("throughput_unbatched_main")
+def throughput_unbatched_main(b: Backend, p: Mapping[str, Any]) -> Outcome:
+    """``throughput_unbatched`` with a function of the driver's ``__main__`` (floors: by
+    reference)."""
+    return _unbatched(b, _main_or_floor(b), p)
 
 
 @measure("bandwidth")

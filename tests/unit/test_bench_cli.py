@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,13 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 from helpers import wait_until
 
+from distexec.bench import _driver as bench_driver
 from distexec.bench import _procs
 from distexec.bench._backends import BACKENDS, Backend
 from distexec.bench._cases import CASES, Settings
 from distexec.bench._cli import main
 from distexec.bench._driver import run as run_driver_in_process
+from distexec.bench._measure import main_function
 from distexec.bench._report import render
 from distexec.bench._runner import MARKER_ENV, reap, rotated, summarize
 from distexec.bench._standalone import dxb_echo
@@ -95,6 +99,58 @@ def test_quick_latency_json_is_complete_and_consistent() -> None:
         assert positions[1] == [2, 0, 1]
     markers = [r["marker"] for b in QUICK_BACKENDS for r in backends[b]["runs"]]
     assert all(_procs.carrying(MARKER_ENV, m) == [] for m in markers)
+
+
+@pytest.mark.timeout(150)
+def test_quick_main_cases_call_a_function_of_the_drivers_main() -> None:
+    peers = ["ppe", "distexec", "distexec_executor"]
+    if importlib.util.find_spec("loky") is not None:
+        peers.append("loky")
+    backends = ["raw_unix", *peers]
+    cases = ["latency_main", "throughput_unbatched_main"]
+    proc = _run_bench(
+        "--quick", "--reps", "1", "--cases", ",".join(cases), "--backends", ",".join(backends),
+        "--json", timeout=140,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["reaped"] == []
+    for name in cases:
+        case = doc["cases"][name]
+        assert case["reference"] == "ppe"
+        assert case["floor"] == "raw_unix"
+        for b in backends:
+            entry = case["backends"][b]
+            assert entry["reps_ok"] == 1, entry["runs"]
+            [run] = entry["runs"]
+            # the libraries get the driver's __main__ function; the floor keeps its own
+            want = "dxb_tasks.identity" if b == "raw_unix" else "__main__.main_identity"
+            assert run["info"]["function"] == want, (name, b)
+            assert all(v > 0 for v in run["metrics"].values())
+        assert case["backends"]["ppe"]["runs"][0]["info"]["start_method"]
+    text = render(doc)
+    assert "## latency_main:" in text
+    assert "identity defined in __main__" in text
+
+
+def test_main_function_is_only_a_function_of_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under pytest, __main__ is pytest's: no main_identity there.
+    with pytest.raises(RuntimeError, match="not a function of __main__"):
+        main_function()
+    # The driver imported under its own name: its main_identity is importable, not __main__'s.
+    fake_main = types.ModuleType("__main__")
+    fake_main.main_identity = bench_driver.main_identity  # type: ignore[attr-defined]
+    assert bench_driver.main_identity.__module__ == "distexec.bench._driver"
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    with pytest.raises(RuntimeError, match=r"is distexec\.bench\._driver\.main_identity, not a"):
+        main_function()
+    # A top-level def of a script run as __main__ is what the *_main cases call.
+    script = types.ModuleType("__main__")
+    exec("def main_identity(x):\n    return x\n", script.__dict__)
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    fn = main_function()
+    assert fn.__module__ == "__main__"
+    assert fn(3) == 3
 
 
 @pytest.mark.timeout(120)
@@ -334,6 +390,10 @@ def test_driver_reports_a_failing_backend_as_an_error(monkeypatch: pytest.Monkey
     assert "metrics" not in result
     assert _FailingBackend.stopped == 1
     assert run_driver_in_process("no-such-case", "failing", params)["error"].startswith("n/a")
+    # In-process, __main__ is pytest's: the __main__ case refuses before any call.
+    main_case = run_driver_in_process("latency_main", "failing", params)
+    assert main_case["ok"] is False
+    assert main_case["error"].startswith("RuntimeError: __main__.main_identity is None")
 
 
 @pytest.mark.timeout(30)
