@@ -218,6 +218,15 @@ class _CallQueue:
             thread.join()
 
 
+def _start_method(mp_context: Any) -> str:
+    """The start method ``ProcessPoolExecutor`` would use with *mp_context* (None: the
+    default one), found without fixing the default context as asking it would."""
+    if mp_context is not None:
+        return str(mp_context.get_start_method(allow_none=False))
+    method = multiprocessing.get_start_method(allow_none=True)
+    return method if method is not None else multiprocessing.get_all_start_methods()[0]
+
+
 class _Item:
     """One submitted call: its future, its pickled message, and where it runs."""
 
@@ -264,8 +273,10 @@ class DistributedExecutor(cf.Executor):
 
     Args:
         max_workers: local workers to start (default: one per usable CPU). Ignored with *pool*.
-        mp_context: accepted for compatibility and ignored (workers are always fresh
-            interpreters; there is nothing to fork).
+        mp_context: workers are always fresh interpreters, whatever it says; only its start
+            method counts, as in ``ProcessPoolExecutor``: with ``fork`` (Linux's default
+            before Python 3.14) all ``max_workers`` workers start at the first submit, with
+            ``spawn`` or ``forkserver`` one starts per submit that finds no worker idle.
         initializer, initargs: run once on each worker before its first task (replacements too).
         max_tasks_per_child: recycle a worker after this many tasks; its replacement is
             started first, so the queue never stalls.
@@ -313,6 +324,10 @@ class DistributedExecutor(cf.Executor):
         self._mp_context: BaseContext = (
             mp_context if mp_context is not None else multiprocessing.get_context("spawn")
         )
+        # As ProcessPoolExecutor: workers on demand unless the start method is fork.
+        self._on_demand = pool is None and _start_method(mp_context) != "fork"
+        self._idle_credits = 0  # calls finished and not yet matched by a submit (on demand)
+        self._starting = 0  # workers the manager thread is starting
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._max_tasks = max_tasks_per_child
@@ -397,6 +412,8 @@ class DistributedExecutor(cf.Executor):
             self._queue.append(item)
             if not self._started:
                 self._start()
+            if self._on_demand:
+                self._adjust_locked()
             self._dispatch_locked()
         return future
 
@@ -567,7 +584,7 @@ class DistributedExecutor(cf.Executor):
         if self._given is not None:
             for pid in self._given:
                 self._slots[pid] = 0
-        else:
+        elif not self._on_demand:
             self._want_workers = self._max_workers
         # The cluster and the manager thread hold the executor weakly: one that is dropped
         # without shutdown() is collected once its work is done, and then stops its workers.
@@ -581,6 +598,17 @@ class DistributedExecutor(cf.Executor):
         )
         self._call_queue._thread = self._manager
         self._manager.start()
+
+    def _adjust_locked(self) -> None:
+        """On demand: start one more worker for this submit, unless a worker went idle since
+        the last one (a call finished) or there are ``max_workers`` already."""
+        if self._idle_credits:
+            self._idle_credits -= 1
+            return
+        have = len(self._owned) - len(self._retiring) + self._starting + self._want_workers
+        if have < self._max_workers:
+            self._want_workers += 1
+            self._events.notify_all()
 
     def _dispatch_locked(self) -> None:
         """Send queued calls, each to the least busy worker with a free slot."""
@@ -677,6 +705,8 @@ class DistributedExecutor(cf.Executor):
                 self._counts["completed"] += 1
             else:
                 self._counts["failed"] += 1
+            if self._idle_credits < len(self._owned):
+                self._idle_credits += 1
             self._dispatch_locked()
             if pid in self._retiring and self._slots.get(pid) == 0:
                 self._events.notify_all()
@@ -819,6 +849,7 @@ class DistributedExecutor(cf.Executor):
                 return None
         if want > 0 and not self._broken:
             self._want_workers = 0
+            self._starting += want
             return want
         self._want_workers = 0 if self._broken else want
         wait = 1.0
@@ -848,10 +879,12 @@ class DistributedExecutor(cf.Executor):
             pids = _api.add_private_workers(n)
         except BaseException as exc:
             with self._lock:
+                self._starting -= n
                 self._broken = f"could not start workers: {exc}"
                 self._events.notify_all()
             return
         with self._lock:
+            self._starting -= n
             self._owned.update(pids)  # ours from now on, so shutdown removes them all
             for pid in pids:
                 self._register_process_locked(pid)
@@ -867,6 +900,8 @@ class DistributedExecutor(cf.Executor):
             if self._initializer is not None:
                 try:
                     remotecall_fetch(self._initializer, pid, *self._initargs)
+                except ProcessExitedException:
+                    continue  # it died, not its initializer: it is replaced like any other
                 except BaseException as exc:
                     _base.LOGGER.critical("Exception in initializer:", exc_info=exc)
                     with self._lock:
@@ -879,8 +914,13 @@ class DistributedExecutor(cf.Executor):
                     return
         with self._lock:
             for pid in pids:
-                self._owned.add(pid)
-                self._slots[pid] = 0
+                if pid not in self._owned:
+                    continue  # lost meanwhile, and its lost-hook has replaced it
+                peer = self._g.peer(pid)
+                if peer is None or peer.state is _cluster.PeerState.TERMINATED:
+                    self._lost_locked(pid)  # lost before it was ours: its hook passed it by
+                else:
+                    self._slots[pid] = 0
             self._dispatch_locked()
 
     def _register_process_locked(self, pid: WorkerId) -> None:
@@ -931,23 +971,28 @@ class DistributedExecutor(cf.Executor):
             # that were on it fail, and _lost_by_us must still see that we killed it.
             found_dead = pid in self._dead
             self._dead.discard(pid)
-            if pid not in self._slots and not found_dead:
+            # (an owned worker without slots is still starting: _add_workers has it)
+            if pid not in self._slots and not found_dead and pid not in self._owned:
                 return
-            self._slots.pop(pid, None)
-            self._retiring.discard(pid)
-            if pid in self._owned:
-                self._owned.discard(pid)
-                self._unregister_process_locked(pid)
-                if self._break_on_death:
-                    self._broken = (
-                        "A process in the process pool was terminated abruptly while the "
-                        "future was running or pending."
-                    )
-                elif not self._shutdown or self._queue or self._retry_heap:
-                    # (after shutdown too, while work that must finish is waiting)
-                    self._want_workers += 1
-                    self._counts["replaced"] += 1
-            self._events.notify_all()
+            self._lost_locked(pid)
+
+    def _lost_locked(self, pid: WorkerId) -> None:
+        """Worker *pid* is gone: stop using it, and replace it if it was ours."""
+        self._slots.pop(pid, None)
+        self._retiring.discard(pid)
+        if pid in self._owned:
+            self._owned.discard(pid)
+            self._unregister_process_locked(pid)
+            if self._break_on_death:
+                self._broken = (
+                    "A process in the process pool was terminated abruptly while the "
+                    "future was running or pending."
+                )
+            elif not self._shutdown or self._queue or self._retry_heap:
+                # (after shutdown too, while work that must finish is waiting)
+                self._want_workers += 1
+                self._counts["replaced"] += 1
+        self._events.notify_all()
 
     def _stop_workers(self) -> None:
         if self._hook is None:  # never started: no workers, no hook

@@ -263,12 +263,29 @@ def test_terminating_a_process_is_a_worker_death(no_leaked_workers: None) -> Non
         slow = ex.submit(time.sleep, 30)
         helpers.wait_until(lambda: len(ex._processes) == 1, timeout=30, what="the worker")
         [proc] = ex._processes.values()
-        helpers.wait_until(slow.running, timeout=30, what="the call to start")
+        # running() is not enough: a call counts as running before it is sent (PPE's call
+        # queue), and one that never reached the dead worker just runs on its replacement.
+        helpers.wait_until(lambda: ex.statistics().running == 1, timeout=30, what="the send")
         proc.terminate()
         with pytest.raises(BrokenProcessPool):
             slow.result(timeout=30)
         assert ex.submit(abs, -2).result(timeout=30) == 2  # replaced: the pool goes on
         assert proc.pid not in ex._processes
+
+
+def test_a_worker_killed_while_it_starts_is_replaced_and_its_call_runs(
+    no_leaked_workers: None,
+) -> None:
+    # The initializer holds the worker in its start-up (before it takes calls) long enough
+    # to kill it there: the executor used to lose track of it and hang.
+    with DistributedExecutor(1, initializer=time.sleep, initargs=(1.0,)) as ex:
+        fut = ex.submit(abs, -3)
+        helpers.wait_until(lambda: len(ex._processes) == 1, timeout=30, what="the worker")
+        [proc] = ex._processes.values()
+        proc.kill()
+        assert fut.result(timeout=60) == 3
+        assert proc.pid not in ex._processes
+        assert ex.statistics().replaced_workers == 1
 
 
 def test_a_dropped_executor_finishes_its_work_then_stops(no_leaked_workers: None) -> None:
@@ -295,6 +312,24 @@ def test_mp_context_is_what_the_workers_are() -> None:
     assert DistributedExecutor(1)._mp_context.get_start_method() == "spawn"
     forkserver = multiprocessing.get_context("forkserver")
     assert DistributedExecutor(1, mp_context=forkserver)._mp_context is forkserver
+
+
+def test_with_spawn_workers_start_one_per_submit_that_finds_none_idle(
+    no_leaked_workers: None,
+) -> None:
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    with DistributedExecutor(3, mp_context=spawn) as ex:
+        assert [ex.submit(abs, -i).result(timeout=30) for i in range(4)] == [0, 1, 2, 3]
+        assert len(ex._processes) == 1  # each call found the first worker idle again
+        slow = [ex.submit(time.sleep, 0.5) for _ in range(4)]  # none idle: up to 3
+        helpers.wait_until(lambda: len(ex._processes) == 3, timeout=30, what="3 workers")
+        cf.wait(slow, timeout=30)
+        assert len(ex._processes) == 3
+    with DistributedExecutor(3, mp_context=multiprocessing.get_context("fork")) as ex:
+        ex.submit(abs, 1).result(timeout=30)
+        helpers.wait_until(lambda: len(ex._processes) == 3, timeout=30, what="all up front")
 
 
 def test_multiprocessing_manager_proxies_reach_the_workers(no_leaked_workers: None) -> None:
