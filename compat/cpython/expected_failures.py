@@ -13,12 +13,13 @@ class per start method (``ProcessPoolForkExecutorDeadlockTest``,
 The table is applied strictly: a listed test that passes, is skipped, or no longer exists fails
 the run, so entries can only be removed. It applies to ``distexec:DistributedExecutor`` only.
 Every entry is either a deliberate difference (the failure stays with the call, the pool goes
-on; workers start up front; ``mp_context`` is ignored) or a genuine impossibility (an object
-that pickles only through process inheritance).
+on; ``mp_context`` does not make forked workers) or a genuine impossibility (an object that
+pickles only through process inheritance).
 
 First filled from the run at commit 3a83956 ("the executor spreads calls over its workers");
 private attributes honoured since (``_processes``, ``_mp_context``, ``_executor_manager_thread``,
-``_call_queue``, ``_broken``), and all three variants run.
+``_call_queue``, ``_broken``), and all three variants run; workers start on demand unless the
+start method is fork, as ``ProcessPoolExecutor``'s do (the ``test_idle_process_reuse`` tests).
 """
 
 VARIANTS = ("Fork", "Forkserver", "Spawn")
@@ -30,10 +31,6 @@ _NOT_BROKEN = (
 _INHERITED = (
     " which pickles only while multiprocessing spawns a process (inheritance): distexec pickles"
     " a call in submit() and fails its future there with RuntimeError"
-)
-_UP_FRONT = (
-    "distexec starts max_workers workers at the first submit, not one per submit while none is"
-    " idle (pinned by compat/parity test_difference_workers_start_up_front_not_on_demand):"
 )
 
 # (test as "ClassSuffix.test_name", the variants it fails in, why)
@@ -102,18 +99,7 @@ _ENTRIES: list[tuple[str, tuple[str, ...], str]] = [
         " started; the test counts ProcessPoolExecutor's processes (3, or 5 with fork), which it"
         " starts in submit() before its feeder thread fails to pickle the calls",
     ),
-    # --- workers start up front ------------------------------------------------------------------
-    (
-        "ProcessPoolExecutorTest.test_idle_process_reuse_one",
-        ("Forkserver", "Spawn"),  # the suite skips it with fork
-        _UP_FRONT + " three calls in a row find 5 processes where the test expects 1",
-    ),
-    (
-        "ProcessPoolExecutorTest.test_idle_process_reuse_multiple",
-        ("Forkserver", "Spawn"),  # the suite skips it with fork
-        _UP_FRONT + " the test expects at most 3 processes, finds 5",
-    ),
-    # --- mp_context is ignored -------------------------------------------------------------------
+    # --- mp_context does not make forked workers -------------------------------------------------
     (
         "ProcessPoolExecutorTest.test_max_tasks_per_child",
         ("Fork",),
