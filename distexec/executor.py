@@ -19,8 +19,10 @@ futures that work with ``wait``, ``as_completed``, ``asyncio.wrap_future`` and
 * ``pool=`` runs on workers that already exist (``addprocs``, SSH hosts) and leaves them be;
 * lambdas and closures can be submitted (cloudpickle).
 
-``mp_context`` is accepted and ignored: workers are always fresh interpreters started by
-distexec (like the ``spawn`` start method), whatever the context says.
+Workers are always fresh interpreters started by distexec (like the ``spawn`` start method),
+whatever ``mp_context`` says; its start method only sets when they start, as it does for
+``ProcessPoolExecutor``: all at the first submit with ``fork``, else one per submit that finds
+no worker idle.
 
 Code (and CPython's own tests) that reads ``ProcessPoolExecutor``'s private state finds the
 same names here, with the same meaning: ``_processes`` ({OS pid: process handle} of the
