@@ -104,7 +104,8 @@ def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
         buffers.append(raw)
         return False
 
-    if not _calls_main(obj):
+    main = _main_call(obj)
+    if main is None:  # the common case: everything pickles by reference
         try:
             body = pickle.dumps(obj, 5, buffer_callback=keep_out_of_band)
         except (Exception, SystemExit):  # a __reduce__ that exits: user code failing to pickle
@@ -113,7 +114,19 @@ def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
             if _BY_VALUE_MARK not in body and not _by_value_modules():
                 return body, buffers
         buffers.clear()
-    if (cached := _dumps_cached(obj, keep_out_of_band)) is not None:
+    elif main is not _UNCACHED and not _by_value_modules():
+        # A call of a __main__ function with a cached pickle: the C pickler, as is, with
+        # the function swapped for its pickle, if nothing else in the call names __main__.
+        swapped, blob = main
+        try:
+            body = pickle.dumps(swapped, 5, buffer_callback=keep_out_of_band)
+        except (Exception, SystemExit):
+            pass
+        else:
+            if body.count(_BY_VALUE_MARK) == blob.count(_BY_VALUE_MARK):
+                return body, buffers
+        buffers.clear()
+    if main is not _UNCACHED and (cached := _dumps_cached(obj, keep_out_of_band)) is not None:
         return cached, buffers
     buffers.clear()
     try:
@@ -128,20 +141,42 @@ def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
 _BY_VALUE_MARK = b"__main__"
 
 
-def _calls_main(obj: object) -> bool:
-    """Whether *obj* is a call (``(fn, args, ...)``) of a function of ``__main__``, directly or
-    through a wrapper that gets it as its first argument (the executor's): then the plain C
-    pass would only find out that it names ``__main__``, so it is skipped."""
+#: A call of a __main__ function that has no cached pickle (yet).
+_UNCACHED: tuple[object, bytes] = (None, b"")
+
+
+class _Pickled:
+    """A by-value function in a message, as its cached pickle (see :mod:`byvalue`)."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __reduce__(self) -> tuple[Callable[[bytes], Any], tuple[bytes]]:
+        return byvalue.load, (self.blob,)
+
+
+def _main_call(obj: object) -> tuple[object, bytes] | None:
+    """For a call (``(fn, args, ...)``) of a function of ``__main__``, directly or through a
+    wrapper that gets it as its first argument (the executor's): the call with the function
+    swapped for its cached pickle, and that pickle; ``_UNCACHED`` if it has none (yet: then
+    cloudpickle takes the whole call). None for anything else."""
     if type(obj) is not tuple or not obj:
-        return False
+        return None
     fn = obj[0]
     if type(fn) is types.FunctionType and fn.__module__ == "__main__":
-        return True
+        blob = byvalue.blob_for(fn)
+        return _UNCACHED if blob is None else ((_Pickled(blob), *obj[1:]), blob)
     args = obj[1] if len(obj) > 1 else None
     if type(args) is tuple and args:
         fn = args[0]
-        return type(fn) is types.FunctionType and fn.__module__ == "__main__"
-    return False
+        if type(fn) is types.FunctionType and fn.__module__ == "__main__":
+            blob = byvalue.blob_for(fn)
+            if blob is None:
+                return _UNCACHED
+            return ((obj[0], (_Pickled(blob), *args[1:]), *obj[2:]), blob)
+    return None
 
 
 class _Uncached(Exception):
