@@ -83,6 +83,11 @@ _names_of: dict[types.CodeType, tuple[str, ...]] = {}
 _registry: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
 
 
+def any_registered() -> bool:
+    """Whether any module was registered with ``cloudpickle.register_pickle_by_value``."""
+    return bool(_registry)
+
+
 def by_value(module: str) -> bool:
     """Whether cloudpickle pickles the functions and classes of *module* by value:
     ``__main__``, or a module registered for it (or inside a registered package)."""

@@ -164,19 +164,20 @@ def _main_call(obj: object) -> tuple[object, bytes] | None:
     cloudpickle takes the whole call). None for anything else."""
     if type(obj) is not tuple or not obj:
         return None
-    fn = obj[0]
-    if type(fn) is types.FunctionType and fn.__module__ == "__main__":
-        blob = byvalue.blob_for(fn)
+    if _is_main(obj[0]):
+        blob = byvalue.blob_for(obj[0])
         return _UNCACHED if blob is None else ((_Pickled(blob), *obj[1:]), blob)
     args = obj[1] if len(obj) > 1 else None
-    if type(args) is tuple and args:
-        fn = args[0]
-        if type(fn) is types.FunctionType and fn.__module__ == "__main__":
-            blob = byvalue.blob_for(fn)
-            if blob is None:
-                return _UNCACHED
-            return ((obj[0], (_Pickled(blob), *args[1:]), *obj[2:]), blob)
-    return None
+    if type(args) is not tuple or not args or not _is_main(args[0]):
+        return None
+    blob = byvalue.blob_for(args[0])
+    if blob is None:
+        return _UNCACHED
+    return (obj[0], (_Pickled(blob), *args[1:]), *obj[2:]), blob
+
+
+def _is_main(fn: object) -> bool:
+    return type(fn) is types.FunctionType and fn.__module__ == "__main__"
 
 
 class _Uncached(Exception):
@@ -200,7 +201,7 @@ class _CachedPickler(pickle.Pickler):
                     raise _Uncached
                 self.blobs.append(blob)
                 return byvalue.load, (blob,)
-        elif _registry and isinstance(obj, type) and byvalue.by_value(obj.__module__):
+        elif _by_value_modules() and isinstance(obj, type) and byvalue.by_value(obj.__module__):
             raise _Uncached  # a class of a module pickled by value ("__main__" is counted)
         return NotImplemented
 
@@ -224,12 +225,7 @@ def _dumps_cached(
     return body
 
 
-def _by_value_modules() -> bool:
-    """Whether any module was registered with ``cloudpickle.register_pickle_by_value``."""
-    return bool(_registry)
-
-
-_registry = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
+_by_value_modules = byvalue.any_registered
 
 
 def _describe(obj: object) -> str:
