@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import _config
+from . import _config, _turns
 from ._ids import MASTER, RRID, Counter, WorkerId
 from ._protocol import codec
 from ._protocol.messages import (
@@ -727,16 +727,20 @@ class ProcessGroup:
         fn: Callable[..., object],
         args: tuple[object, ...],
         kwargs: Mapping[str, object],
+        ordered: bool = False,
     ) -> tuple[int, list[bytes | memoryview]]:
         """Pickle a call whose value comes back (FETCH): ``(call id, frame parts)``.
 
         The parts do not depend on the destination, so a retried call is pickled once.
+        *ordered*: the receiver runs it after the ordered calls that reached it before
+        (``CallMode.ORDERED``, an executor's calls).
 
         Raises:
             SerializationError: the call would not pickle; nothing was sent.
         """
         cid = self._call_ids.next()
-        return cid, codec.encode(CallMsg(fn, args, kwargs, CallMode.FETCH), response_id=cid)
+        mode = CallMode.ORDERED if ordered else CallMode.FETCH
+        return cid, codec.encode(CallMsg(fn, args, kwargs, mode), response_id=cid)
 
     def send_call(
         self, pid: WorkerId, cid: int, parts: list[bytes | memoryview], sink: Sink
@@ -1156,6 +1160,8 @@ class ProcessGroup:
         assert isinstance(msg, CallMsg)
         if msg.mode is CallMode.FUTURE and msg.rrid is not None:
             self.owner_register(msg.rrid, peer.pid)
+        elif msg.mode is CallMode.ORDERED:
+            msg.ticket = _turns.take()  # here, on the link's reader: in arrival order
         return msg
 
     def _dispatch(self, peer: Peer, conn: Connection, frame: Frame) -> bool:
@@ -1247,7 +1253,10 @@ class ProcessGroup:
             try:
                 if track:
                     running[ident] = fn
-                value = fn(*msg.args, **msg.kwargs)
+                if msg.ticket < 0:
+                    value = fn(*msg.args, **msg.kwargs)
+                else:
+                    value = _turns.run(msg.ticket, fn, msg.args, msg.kwargs)
                 ok = True
             finally:
                 if track:
@@ -1255,7 +1264,7 @@ class ProcessGroup:
         except BaseException as exc:  # SystemExit / KeyboardInterrupt fail this call only
             value = RemoteException(self.myid, CapturedException.capture(exc))
             ok = False
-        if msg.mode is CallMode.FETCH:
+        if msg.mode is CallMode.FETCH or msg.mode is CallMode.ORDERED:
             self._reply(peer, response_id, ok, value)
         elif msg.mode is CallMode.FUTURE:
             assert msg.rrid is not None

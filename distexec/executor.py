@@ -401,9 +401,7 @@ class DistributedExecutor(cf.Executor):
         item = _Item(self, future, fn, args, kwargs)
         future._dx_item = item
         try:
-            item.cid, item.parts = self._g.prepare_call(
-                _one_at_a_time, (fn, args, kwargs, _TICKET), {}
-            )
+            item.cid, item.parts = self._g.prepare_call(fn, args, kwargs, ordered=True)
         except BaseException as exc:
             future.set_exception(exc)
             return future
@@ -870,9 +868,7 @@ class DistributedExecutor(cf.Executor):
 
     def _requeue(self, item: _Item) -> None:
         """A retry goes out as a new call (new id); its future stays RUNNING."""
-        item.cid, item.parts = self._g.prepare_call(
-            _one_at_a_time, (item.fn, item.args, item.kwargs, _TICKET), {}
-        )
+        item.cid, item.parts = self._g.prepare_call(item.fn, item.args, item.kwargs, ordered=True)
         self._queue.appendleft(item)
         self._queued_started += 1
 
@@ -1086,65 +1082,6 @@ def _stopper(
             pass
 
     return stop
-
-
-_turn = threading.Condition()  # guards: _serving, _given, _abandoned
-_serving = 0  # the ticket whose call may run now
-_given = 0  # tickets handed out so far
-_abandoned: set[int] = set()
-
-
-def _take_ticket() -> int:
-    """Runs while the call is unpickled, on the reader thread: tickets follow arrival order."""
-    global _given
-    with _turn:
-        t = _given
-        _given += 1
-        return t
-
-
-class _Ticket:
-    """Unpickles into this worker's next ticket (it travels last, so a call that fails to
-    unpickle never takes one)."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_take_ticket, ())
-
-
-def _advance_locked() -> None:
-    global _serving
-    _serving += 1
-    while _serving in _abandoned:
-        _abandoned.discard(_serving)
-        _serving += 1
-    _turn.notify_all()
-
-
-def _one_at_a_time(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ticket: int
-) -> Any:
-    """On a worker: run an executor's calls one at a time and in arrival order, as a
-    ProcessPoolExecutor process does. The next call is sent ahead (to hide the round trip)
-    and waits here for its turn."""
-    try:
-        with _turn:
-            while _serving != ticket:
-                _turn.wait()
-    except BaseException:  # interrupted while waiting: give the turn up, never block others
-        with _turn:
-            if _serving == ticket:
-                _advance_locked()
-            else:
-                _abandoned.add(ticket)
-        raise
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        with _turn:
-            _advance_locked()
-
-
-_TICKET = _Ticket()
 
 
 def _quiet_rmprocs(*pids: WorkerId) -> None:

@@ -16,8 +16,8 @@ import cloudpickle
 
 from .._transport import framing
 from ..errors import SerializationError
-from . import byvalue, messages
-from .messages import MSG_TYPES, Message
+from . import byvalue, messages, names
+from .messages import MSG_TYPES, CallMsg, Message
 
 #: Buffers smaller than this stay in the pickle stream: a frame of their own costs more.
 OOB_MIN_BYTES = 64 * 1024
@@ -159,9 +159,9 @@ class _Pickled:
 
 def _main_call(obj: object) -> tuple[object, bytes] | None:
     """For a call (``(fn, args, ...)``) of a function of ``__main__``, directly or through a
-    wrapper that gets it as its first argument (the executor's): the call with the function
-    swapped for its cached pickle, and that pickle; ``_UNCACHED`` if it has none (yet: then
-    cloudpickle takes the whole call). None for anything else."""
+    wrapper that gets it as its first argument (``_run_batch``, for batches): the call with
+    the function swapped for its cached pickle, and that pickle; ``_UNCACHED`` if it has
+    none (yet: then cloudpickle takes the whole call). None for anything else."""
     if type(obj) is not tuple or not obj:
         return None
     if _is_main(obj[0]):
@@ -241,8 +241,16 @@ def loads(body: memoryview | bytes, buffers: Sequence[memoryview] = ()) -> objec
 
 
 def encode(msg: Message, response_id: int = 0, notify_id: int = 0) -> list[bytes | memoryview]:
-    """Pack *msg* into the parts of one frame. Pickling happens here, outside any send lock."""
-    body, buffers = dumps(messages.fields(msg))
+    """Pack *msg* into the parts of one frame. Pickling happens here, outside any send lock.
+
+    A call's function travels by name when it is a module-level one (see :mod:`names`).
+    """
+    if type(msg) is CallMsg:
+        ref = None if _by_value_modules() else names.ref_of(msg.fn)
+        fields = (msg.fn if ref is None else ref, msg.args, msg.kwargs, int(msg.mode), msg.rrid)
+    else:
+        fields = messages.fields(msg)
+    body, buffers = dumps(fields)
     return framing.pack(msg.TAG, response_id, notify_id, body, buffers)
 
 
@@ -260,5 +268,7 @@ def decode(frame: framing.Frame) -> Message:
         from ..errors import ProtocolError
 
         raise ProtocolError(f"message body of tag {frame.tag} is not a tuple")
+    if cls is CallMsg and values and type(values[0]) is str:
+        values = (names.resolve(values[0]), *values[1:])
     msg: Message = cls(*values)
     return msg

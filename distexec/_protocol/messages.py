@@ -25,6 +25,7 @@ class CallMode(enum.IntEnum):
     FETCH = 1  # reply with a ResultMsg carrying the value (remotecall_fetch)
     FUTURE = 2  # keep the value under ``rrid``; push a DoneMsg to its creator (remotecall)
     DO = 3  # no reply at all (remote_do)
+    ORDERED = 4  # as FETCH, run after the ORDERED calls that arrived before it (an executor's)
 
 
 _MODES = {int(m): m for m in CallMode}
@@ -38,6 +39,7 @@ class CallMsg:
     kwargs: Mapping[str, object]
     mode: CallMode
     rrid: RRID | None = None
+    ticket: int = -1  # an ORDERED call's turn, taken where it is received (never sent)
 
     def __post_init__(self) -> None:
         if type(self.mode) is int:  # decoded from the wire
@@ -151,9 +153,8 @@ _FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {
 
 
 def fields(msg: Message) -> tuple[object, ...]:
-    """The message's fields in order (what goes on the wire)."""
-    if type(msg) is CallMsg:  # the hot path; the mode travels as a plain int (no enum reduce)
-        return (msg.fn, msg.args, msg.kwargs, int(msg.mode), msg.rrid)
+    """The message's fields in order (what goes on the wire). Calls have their own hot path
+    in ``codec.encode``: the mode travels as a plain int, the function maybe by name."""
     if type(msg) is ResultMsg:
         return (msg.ok, msg.value)
     return tuple(getattr(msg, name) for name in _FIELD_NAMES[type(msg)])

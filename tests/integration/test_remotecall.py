@@ -262,3 +262,33 @@ def test_statistics_is_a_frozen_record(cluster: list[int]) -> None:
         s.workers = 3  # type: ignore[misc]
     ws = dx.remotecall_fetch(dx.statistics, cluster[0])
     assert ws.myid == cluster[0] and ws.role == "worker"
+
+
+def _rebind_identity() -> str:
+    import helpers as h
+
+    h._saved_identity = h.identity  # type: ignore[attr-defined]
+    h.identity = lambda x: ("rebound", x)
+    return h.identity.__module__
+
+
+def _restore_identity() -> None:
+    import helpers as h
+
+    h.identity = h._saved_identity  # type: ignore[attr-defined]
+
+
+def test_a_function_sent_by_name_is_what_its_name_holds_on_the_worker(
+    cluster: list[int],
+) -> None:
+    """Module functions travel by name and each side caches the lookup; a name rebound on
+    the worker meanwhile must still be looked up afresh, as unpickling would."""
+    w = cluster[1]
+    assert dx.remotecall_fetch(helpers.identity, w, 1) == 1  # cached on both sides now
+    dx.remotecall_fetch(_rebind_identity, w)
+    try:
+        assert dx.remotecall_fetch(helpers.identity, w, 1) == ("rebound", 1)
+        assert dx.remotecall_fetch(helpers.identity, cluster[0], 1) == 1  # only there
+    finally:
+        dx.remotecall_fetch(_restore_identity, w)
+    assert dx.remotecall_fetch(helpers.identity, w, 2) == 2

@@ -1,0 +1,91 @@
+"""Functions sent by name (distexec._protocol.names): what qualifies, and that the receiver
+always finds what unpickling the name would find now."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import operator
+import pickle
+import sys
+import types
+
+import pytest
+
+from distexec._protocol import codec, names
+from distexec._protocol.messages import CallMode, CallMsg
+from distexec._transport import framing
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _roundtrip(msg: CallMsg) -> CallMsg:
+    parts = codec.encode(msg, response_id=1)
+    body = memoryview(parts[0])[framing.HEADER_SIZE :]
+    frame = framing.Frame(CallMsg.TAG, 0, 0, 1, 0, body, [])
+    out = codec.decode(frame)
+    assert isinstance(out, CallMsg)
+    return out
+
+
+def test_module_functions_and_builtins_go_by_name() -> None:
+    assert names.ref_of(math.sqrt) == "math:sqrt"
+    assert names.ref_of(operator.pos) == "_operator:pos"
+    assert names.ref_of(importlib.import_module) == "importlib:import_module"
+    assert names.resolve("math:sqrt") is math.sqrt
+    assert names.resolve(names.ref_of(pow) or "") is pow
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        str.upper,  # a method descriptor
+        [].append,  # a bound builtin method
+        functools.partial(pow, 2),
+        lambda x: x,
+        pickle.Pickler.dump,  # qualname with a dot
+        types.SimpleNamespace,  # a class
+    ],
+)
+def test_anything_else_is_pickled(fn: object) -> None:
+    assert names.ref_of(fn) is None
+
+
+def test_a_name_rebound_is_looked_up_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = types.ModuleType("dx_names_probe")
+    exec("def f():\n    return 1\n", mod.__dict__)
+    mod.f.__module__ = "dx_names_probe"
+    monkeypatch.setitem(sys.modules, "dx_names_probe", mod)
+    first = mod.f
+    assert names.ref_of(first) == "dx_names_probe:f"
+    assert names.resolve("dx_names_probe:f") is first
+    exec("def f():\n    return 2\n", mod.__dict__)  # rebinding, as reload does
+    assert names.resolve("dx_names_probe:f")() == 2
+    # The sender no longer names the old function: it is not what the module holds.
+    assert names.ref_of(first) is None
+    # A module replaced in sys.modules is the one looked in.
+    other = types.ModuleType("dx_names_probe")
+    other.f = lambda: 3  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dx_names_probe", other)
+    assert names.resolve("dx_names_probe:f")() == 3
+
+
+def test_unknown_names_fail_as_unpickling_would() -> None:
+    with pytest.raises(ModuleNotFoundError):
+        names.resolve("no_such_module_dx:f")
+    with pytest.raises(AttributeError):
+        names.resolve("math:no_such_function")
+    with pytest.raises(ValueError, match="malformed"):
+        names.resolve("math")
+
+
+def test_a_call_round_trips_with_its_function_by_name() -> None:
+    msg = CallMsg(math.pow, (2, 3), {"x": 1}, CallMode.ORDERED)
+    parts = codec.encode(msg, response_id=1)
+    assert b"math:pow" in bytes(parts[0])
+    out = _roundtrip(msg)
+    assert out.fn is math.pow and out.args == (2, 3) and out.kwargs == {"x": 1}
+    assert out.mode is CallMode.ORDERED and out.ticket == -1  # the ticket never travels
+    lam = _roundtrip(CallMsg(lambda: 5, (), {}, CallMode.FETCH))
+    assert lam.fn() == 5
