@@ -245,6 +245,7 @@ def encode(msg: Message, response_id: int = 0, notify_id: int = 0) -> list[bytes
 
     A call's function travels by name when it is a module-level one (see :mod:`names`).
     """
+    fields: tuple[object, ...]
     if type(msg) is CallMsg:
         ref = None if _by_value_modules() else names.ref_of(msg.fn)
         fields = (msg.fn if ref is None else ref, msg.args, msg.kwargs, int(msg.mode), msg.rrid)
