@@ -990,6 +990,13 @@ class DistributedExecutor(cf.Executor):
                 # (after shutdown too, while work that must finish is waiting)
                 self._want_workers += 1
                 self._counts["replaced"] += 1
+        elif self._given is not None and not self._slots and not self._broken:
+            # Workers of a given pool are not replaced: with the last one gone, what waits
+            # would wait forever. It fails instead, and so does any later submit.
+            self._broken = (
+                f"every worker of the executor's pool is gone (the last was worker {pid}); "
+                "the calls that had not run cannot run"
+            )
         self._events.notify_all()
 
     def _stop_workers(self) -> None:

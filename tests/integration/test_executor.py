@@ -225,6 +225,34 @@ def test_pool_of_existing_workers_is_left_running(cluster: list[int]) -> None:
     assert dx.remotecall_fetch(dx.myid, cluster[0]) == cluster[0]
 
 
+def test_a_pool_whose_workers_all_died_fails_what_waits(no_leaked_workers: None) -> None:
+    """Workers of a given pool are not replaced: once the last is gone, the calls still
+    queued (some already counted as running, as ProcessPoolExecutor's call queue does) fail
+    at once, and shutdown returns, instead of waiting for a worker that will never come."""
+    (w,) = dx.addprocs(1)
+    ex = DistributedExecutor(pool=[w])
+    try:
+        first = ex.submit(helpers.sleep_and_return, 30)
+        helpers.wait_until(first.running, timeout=30, what="the first call to start")
+        queued = [ex.submit(abs, -i) for i in range(6)]
+        dx.remote_do(helpers.die, w, 9)
+        with pytest.raises(BrokenProcessPool):
+            first.result(timeout=30)
+        # The next call was sent ahead to the worker, and is lost with it; the others never
+        # left the executor.
+        with pytest.raises(BrokenProcessPool):
+            queued[0].result(timeout=30)
+        for fut in queued[1:]:
+            with pytest.raises(BrokenProcessPool, match="every worker of the executor's pool"):
+                fut.result(timeout=30)
+        with pytest.raises(BrokenProcessPool, match="every worker"):
+            ex.submit(abs, 1)
+    finally:
+        ex.shutdown(wait=True)
+        if w in dx.workers():
+            dx.rmprocs(w)
+
+
 def test_executor_workers_stay_out_of_the_default_pool(no_leaked_workers: None) -> None:
     with DistributedExecutor(2) as ex:
         ex.submit(abs, 1).result(timeout=30)
