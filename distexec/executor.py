@@ -86,6 +86,23 @@ _live_executors: weakref.WeakSet[DistributedExecutor] = weakref.WeakSet()
 threading._register_atexit(_python_exit)  # type: ignore[attr-defined]  # as CPython's executors do
 
 
+class _OnFirstUse:
+    """A future's attribute made when first read (a non-data descriptor: from then on the
+    instance's own attribute shadows it). ``dict.setdefault`` is atomic, so two threads
+    reading it first at once still share one object."""
+
+    __slots__ = ("make", "name")
+
+    def __init__(self, name: str, make: Callable[[], object]) -> None:
+        self.name = name
+        self.make = make
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__.setdefault(self.name, self.make())
+
+
 class ExecutorFuture(cf.Future):  # type: ignore[type-arg]
     """A ``concurrent.futures.Future`` that can also be awaited directly.
 
@@ -99,6 +116,19 @@ class ExecutorFuture(cf.Future):  # type: ignore[type-arg]
     """
 
     _dx_item: _Item | None = None  # the call behind this future, while the executor has it
+
+    # cf.Future makes these in __init__; here a future makes them when first used. A map
+    # over many elements holds many queued futures, and each of these would be up to eight
+    # more objects for every garbage collection to go through while they wait (measured:
+    # 13 tracked objects per queued call, collections taking a third of map's time).
+    _condition = _OnFirstUse("_condition", threading.Condition)
+    _waiters = _OnFirstUse("_waiters", list)
+    _done_callbacks = _OnFirstUse("_done_callbacks", list)
+
+    def __init__(self) -> None:  # cf.Future.__init__ but for the attributes above
+        self._state = _base.PENDING
+        self._result = None
+        self._exception = None
 
     def cancel(self) -> bool:
         item = self._dx_item

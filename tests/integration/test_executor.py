@@ -368,3 +368,37 @@ def test_multiprocessing_manager_proxies_reach_the_workers(no_leaked_workers: No
         with DistributedExecutor(1) as ex:
             ex.submit(shared.__setitem__, "k", 7).result(timeout=30)
         assert shared["k"] == 7
+
+
+def test_executor_futures_make_their_lock_on_first_use() -> None:
+    """A queued ExecutorFuture holds no Condition or lists until first used (fewer objects
+    for the garbage collector while a long map waits); threads that first touch one at once
+    must still share a single Condition, and the standard helpers must work on it."""
+    import threading
+
+    from distexec.executor import ExecutorFuture
+
+    for _ in range(50):
+        fut = ExecutorFuture()
+        assert "_condition" not in fut.__dict__
+        seen: list[object] = []
+        barrier = threading.Barrier(8)
+
+        def touch(f: ExecutorFuture, b: threading.Barrier, out: list[object]) -> None:
+            b.wait()
+            out.append(f._condition)
+
+        threads = [threading.Thread(target=touch, args=(fut, barrier, seen)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({id(c) for c in seen}) == 1
+    fut = ExecutorFuture()
+    done_calls: list[object] = []
+    fut.add_done_callback(done_calls.append)
+    assert fut.set_running_or_notify_cancel()
+    threading.Timer(0.05, fut.set_result, (7,)).start()
+    done, _ = cf.wait([fut], timeout=10)
+    assert done == {fut} and fut.result() == 7 and done_calls == [fut]
+    assert [f.result() for f in cf.as_completed([fut], timeout=10)] == [7]
