@@ -1,6 +1,6 @@
 """Functions of ``__main__`` pickled by value once, then reused while nothing they capture changed.
 
-Layer: L2 protocol. Imports: stdlib, cloudpickle.
+Layer: L2 protocol. Imports: stdlib, cloudpickle (when first needed).
 
 A worker does not import the master's script, so a function defined there travels by value:
 cloudpickle pickles its code, the globals it names, its defaults and closure, on every call.
@@ -26,8 +26,6 @@ import types
 import weakref
 from itertools import repeat
 from typing import Any
-
-import cloudpickle
 
 _ABSENT = object()  # a global the code names that is not defined (a builtin, usually)
 _EMPTY = object()  # an empty closure cell
@@ -79,13 +77,26 @@ _UNCACHEABLE = _Snap()
 _cache: weakref.WeakKeyDictionary[types.FunctionType, _Snap] = weakref.WeakKeyDictionary()
 _seen: weakref.WeakSet[types.FunctionType] = weakref.WeakSet()
 _names_of: dict[types.CodeType, tuple[str, ...]] = {}
-#: Names of the modules registered with ``cloudpickle.register_pickle_by_value``.
-_registry: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
+#: Names of the modules registered with ``cloudpickle.register_pickle_by_value``; ``_NO_REGISTRY``
+#: until cloudpickle is imported (by us when we first need it, or by the user to register
+#: one): nothing can be registered before, and a worker that never needs it does not pay
+#: for importing it (~5 ms of its start).
+_NO_REGISTRY: set[str] = set()
+_registry: set[str] = _NO_REGISTRY
+
+
+def _bound_registry() -> set[str]:
+    global _registry
+    if _registry is _NO_REGISTRY:
+        impl = sys.modules.get("cloudpickle.cloudpickle")
+        if impl is not None:
+            _registry = getattr(impl, "_PICKLE_BY_VALUE_MODULES", set())
+    return _registry
 
 
 def any_registered() -> bool:
     """Whether any module was registered with ``cloudpickle.register_pickle_by_value``."""
-    return bool(_registry)
+    return bool(_registry if _registry is not _NO_REGISTRY else _bound_registry())
 
 
 def by_value(module: str) -> bool:
@@ -93,8 +104,9 @@ def by_value(module: str) -> bool:
     ``__main__``, or a module registered for it (or inside a registered package)."""
     if module == "__main__":
         return True
-    while _registry:
-        if module in _registry:
+    registry = _bound_registry()
+    while registry:
+        if module in registry:
             return True
         module, dot, _ = module.rpartition(".")
         if not dot:
@@ -123,6 +135,8 @@ def _build(fn: types.FunctionType, rebuilds: int) -> _Snap:
     if snap is None:
         _cache[fn] = _UNCACHEABLE
         return _UNCACHEABLE
+    import cloudpickle
+
     try:
         snap.blob = cloudpickle.dumps(fn, protocol=5)
     except Exception:  # the caller's own pickling pass reports it

@@ -1,6 +1,7 @@
 """Turn messages into frames and back: cloudpickle, protocol 5, large buffers out of band.
 
-Layer: L2 protocol. Imports: stdlib, cloudpickle, distexec.errors, messages, transport.framing.
+Layer: L2 protocol. Imports: stdlib, cloudpickle (lazily), distexec.errors, messages,
+transport.framing.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import threading
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import cloudpickle
 
 from .._transport import framing
 from ..errors import SerializationError
@@ -129,6 +128,8 @@ def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     if main is not _UNCACHED and (cached := _dumps_cached(obj, keep_out_of_band)) is not None:
         return cached, buffers
     buffers.clear()
+    import cloudpickle  # here: a process that never pickles by value never imports it
+
     try:
         body = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band)
     except (Exception, SystemExit) as exc:

@@ -92,3 +92,27 @@ def test_another_version_is_a_version_mismatch_naming_both(
     # The odd worker was stopped, not left waiting for a master.
     for proc in manager.procs:
         assert proc.wait(10) is not None
+
+
+def test_cloudpickle_is_imported_only_when_needed() -> None:
+    """distexec imports cloudpickle when it first pickles by value, not before (a worker
+    start saves ~5 ms); the hello still names its version, and a module registered for
+    pickling by value after distexec's import is still pickled by value."""
+    script = (
+        "import sys, distexec\n"
+        "from distexec._transport import handshake\n"
+        "from distexec._protocol import byvalue\n"
+        "assert 'cloudpickle' not in sys.modules, 'imported with distexec'\n"
+        "v = handshake.local_versions()['cloudpickle']\n"
+        "assert 'cloudpickle' not in sys.modules, 'imported for the hello'\n"
+        "assert not byvalue.any_registered() and not byvalue.by_value('json')\n"
+        "import cloudpickle, json\n"
+        "assert v == cloudpickle.__version__, (v, cloudpickle.__version__)\n"
+        "cloudpickle.register_pickle_by_value(json)\n"
+        "assert byvalue.any_registered() and byvalue.by_value('json.decoder')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
