@@ -71,6 +71,9 @@ from .workerpool import AbstractWorkerPool
 
 #: Calls sent ahead per worker, so a worker never waits for its next task.
 _DEPTH = 2
+#: A future's states that mean cancelled (read without its lock: the hot path takes none,
+#: and a cancel racing with it is caught where the future is settled).
+_CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
 
 _global_shutdown = False
 
@@ -420,13 +423,14 @@ class DistributedExecutor(cf.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; return a future for its result."""
-        with self._lock:
-            if self._broken:
-                raise BrokenProcessPool(self._broken)
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if _global_shutdown:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        # Looks without the lock: shutdown is checked again under it, and a call queued as
+        # the executor breaks fails with the others queued.
+        if self._broken:
+            raise BrokenProcessPool(self._broken)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         future = ExecutorFuture()
         item = _Item(self, future, fn, args, kwargs)
         future._dx_item = item
@@ -670,7 +674,7 @@ class DistributedExecutor(cf.Executor):
                     fut._dx_item = None  # type: ignore[attr-defined]
                     continue
                 item.started = True
-            elif item.future.cancelled():  # cancelled while it waited to run again
+            elif item.future._state in _CANCELLED:  # cancelled while it waited to run again
                 item.future._dx_item = None  # type: ignore[attr-defined]
                 continue
             slots[pid] = n + 1
@@ -692,7 +696,7 @@ class DistributedExecutor(cf.Executor):
         if budget <= 0:
             return
         for item in self._queue:
-            if item.started or item.future.cancelled():  # (a cancelled one is asked once)
+            if item.started or item.future._state in _CANCELLED:  # (asked once only)
                 continue
             if item.future.set_running_or_notify_cancel():
                 item.started = True
@@ -712,7 +716,7 @@ class DistributedExecutor(cf.Executor):
             if self._hit:
                 hit = item.cid in self._hit
                 self._hit.discard(item.cid)
-            cancelled = item.future.cancelled()
+            cancelled = item.future._state in _CANCELLED
             if not ok and not cancelled and self._lost_by_us(item, value, hit):
                 self._counts["requeued"] += 1
                 self._queue.appendleft(item)  # its worker is gone: the same call id is free

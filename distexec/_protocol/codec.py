@@ -59,12 +59,14 @@ class _Pickling:
     __slots__ = ("memo", "undo")
 
     def __init__(self) -> None:
-        self.memo: dict[int, tuple[object, Any]] = {}
-        self.undo: list[Callable[[], None]] = []
+        # Made by the first handle reduced: most messages carry none, and every dumps() makes
+        # one of these.
+        self.memo: dict[int, tuple[object, Any]] | None = None
+        self.undo: list[Callable[[], None]] | None = None
 
     def abandon(self) -> None:
-        undo, self.undo = self.undo, []
-        for fn in undo:
+        undo, self.undo = self.undo, None
+        for fn in undo or ():
             try:
                 fn()
             except Exception:  # pragma: no cover - undo is best effort (a peer may be gone)
@@ -81,6 +83,8 @@ def reduce_once(obj: object, make: Callable[[], Any], undo: Callable[[Any], None
     ctx: _Pickling | None = getattr(_local, "ctx", None)
     if ctx is None:
         return make()
+    if ctx.memo is None or ctx.undo is None:
+        ctx.memo, ctx.undo = {}, []
     hit = ctx.memo.get(id(obj))
     if hit is not None:
         return hit[1]
