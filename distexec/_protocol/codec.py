@@ -22,7 +22,7 @@ from .messages import MSG_TYPES, CallMsg, Message
 OOB_MIN_BYTES = 64 * 1024
 
 
-def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
+def dumps(obj: object, call: bool = False) -> tuple[bytes, list[memoryview]]:
     """Pickle *obj*, returning the stream and its out-of-band buffers.
 
     The C pickler goes first: it is three times faster than cloudpickle and gives the same
@@ -33,6 +33,9 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     too) are replaced by their cached pickles (:mod:`byvalue`), if they all have one and
     nothing else needs cloudpickle; otherwise cloudpickle pickles the whole of it by value.
 
+    *call*: *obj* is a call's fields (``encode`` of a :class:`CallMsg`), whose function
+    slot may then hold the function's cached pickle itself (``decode`` knows it by its type).
+
     Raises:
         SerializationError: *obj* cannot be pickled; the original error is the cause.
     """
@@ -40,7 +43,7 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     outer = getattr(_local, "ctx", None)  # a reduce may itself call a peer (and pickle)
     _local.ctx = ctx
     try:
-        return _dumps(obj)
+        return _dumps(obj, call)
     except BaseException:
         ctx.abandon()
         raise
@@ -94,7 +97,7 @@ def reduce_once(obj: object, make: Callable[[], Any], undo: Callable[[Any], None
     return value
 
 
-def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
+def _dumps(obj: object, call: bool = False) -> tuple[bytes, list[memoryview]]:
     buffers: list[memoryview] = []
 
     def keep_out_of_band(pb: pickle.PickleBuffer) -> bool:
@@ -107,7 +110,7 @@ def _dumps(obj: object) -> tuple[bytes, list[memoryview]]:
         buffers.append(raw)
         return False
 
-    main = _main_call(obj)
+    main = _main_call(obj, call)
     if main is None:  # the common case: everything pickles by reference
         try:
             body = pickle.dumps(obj, 5, buffer_callback=keep_out_of_band)
@@ -162,16 +165,19 @@ class _Pickled:
         return byvalue.load, (self.blob,)
 
 
-def _main_call(obj: object) -> tuple[object, bytes] | None:
+def _main_call(obj: object, call: bool = False) -> tuple[object, bytes] | None:
     """For a call (``(fn, args, ...)``) of a function of ``__main__``, directly or through a
     wrapper that gets it as its first argument (``_run_batch``, for batches): the call with
     the function swapped for its cached pickle, and that pickle; ``_UNCACHED`` if it has
-    none (yet: then cloudpickle takes the whole call). None for anything else."""
+    none (yet: then cloudpickle takes the whole call). None for anything else. In a call's
+    own function slot (*call*) the pickle goes as it is, not wrapped in a reduce."""
     if type(obj) is not tuple or not obj:
         return None
     if _is_main(obj[0]):
         blob = byvalue.blob_for(obj[0])
-        return _UNCACHED if blob is None else ((_Pickled(blob), *obj[1:]), blob)
+        if blob is None:
+            return _UNCACHED
+        return ((blob if call else _Pickled(blob)), *obj[1:]), blob
     args = obj[1] if len(obj) > 1 else None
     if type(args) is not tuple or not args or not _is_main(args[0]):
         return None
@@ -254,9 +260,9 @@ def encode(msg: Message, response_id: int = 0, notify_id: int = 0) -> list[bytes
     if type(msg) is CallMsg:
         ref = None if _by_value_modules() else names.ref_of(msg.fn)
         fields = (msg.fn if ref is None else ref, msg.args, msg.kwargs, int(msg.mode), msg.rrid)
+        body, buffers = dumps(fields, call=True)
     else:
-        fields = messages.fields(msg)
-    body, buffers = dumps(fields)
+        body, buffers = dumps(messages.fields(msg))
     return framing.pack(msg.TAG, response_id, notify_id, body, buffers)
 
 
@@ -274,7 +280,11 @@ def decode(frame: framing.Frame) -> Message:
         from ..errors import ProtocolError
 
         raise ProtocolError(f"message body of tag {frame.tag} is not a tuple")
-    if cls is CallMsg and values and type(values[0]) is str:
-        values = (names.resolve(values[0]), *values[1:])
+    if cls is CallMsg and values:
+        fn = values[0]
+        if type(fn) is str:  # a module-level function, by name
+            values = (names.resolve(fn), *values[1:])
+        elif type(fn) is bytes:  # a by-value function, as its cached pickle
+            values = (byvalue.load(fn), *values[1:])
     msg: Message = cls(*values)
     return msg

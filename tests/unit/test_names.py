@@ -89,3 +89,21 @@ def test_a_call_round_trips_with_its_function_by_name() -> None:
     assert out.mode is CallMode.ORDERED and out.ticket == -1  # the ticket never travels
     lam = _roundtrip(CallMsg(lambda: 5, (), {}, CallMode.FETCH))
     assert lam.fn() == 5
+
+
+def test_a_cached_by_value_function_rides_raw_in_a_calls_slot_only() -> None:
+    """From its second use a __main__ function's cached pickle goes in the call's function
+    slot as bytes (decode rebuilds it); anywhere else, as in a value that happens to be a
+    tuple starting with such a function, it must still unpickle into the function."""
+    ns: dict[str, object] = {"__name__": "__main__"}
+    exec("def triple(x):\n    return 3 * x\n", ns)
+    triple = ns["triple"]
+    assert getattr(triple, "__module__", None) == "__main__"
+    for _ in range(3):  # cached from the second use
+        out = _roundtrip(CallMsg(triple, (2,), {}, CallMode.FETCH))  # type: ignore[arg-type]
+        assert out.fn(*out.args) == 6
+    body, buffers = codec.dumps((triple, 5))
+    fn, arg = codec.loads(body, buffers)  # type: ignore[misc]
+    assert callable(fn) and fn(arg) == 15
+    parts = codec.encode(CallMsg(triple, (2,), {}, CallMode.FETCH), response_id=1)  # type: ignore[arg-type]
+    assert b"byvalue" not in bytes(parts[0])  # no reduce wrapper around the cached pickle
