@@ -157,8 +157,11 @@ def load(blob: bytes) -> Any:
     template = _templates.get(blob)
     if template is None:
         template = _Template(pickle.loads(blob))
-        if len(_templates) >= _MAX_TEMPLATES:
-            _templates.clear()
+        if len(_templates) >= _MAX_TEMPLATES:  # the oldest goes (dicts keep insertion order)
+            try:
+                del _templates[next(iter(_templates))]
+            except (RuntimeError, StopIteration, KeyError):
+                pass  # another reader changed it meanwhile: trimmed on the next miss
         _templates[blob] = template
     return template.fresh()
 

@@ -107,3 +107,22 @@ def test_a_cached_by_value_function_rides_raw_in_a_calls_slot_only() -> None:
     assert callable(fn) and fn(arg) == 15
     parts = codec.encode(CallMsg(triple, (2,), {}, CallMode.FETCH), response_id=1)  # type: ignore[arg-type]
     assert b"byvalue" not in bytes(parts[0])  # no reduce wrapper around the cached pickle
+
+
+def test_the_receivers_template_cache_drops_the_oldest_first() -> None:
+    import cloudpickle
+
+    from distexec._protocol import byvalue
+
+    byvalue._templates.clear()
+    blobs = []
+    for i in range(byvalue._MAX_TEMPLATES + 20):
+        ns: dict[str, object] = {"__name__": "__main__"}
+        exec(f"def f{i}():\n    return {i}\n", ns)
+        blobs.append(cloudpickle.dumps(ns[f"f{i}"], protocol=5))
+    for i, blob in enumerate(blobs):
+        assert byvalue.load(blob)() == i
+    assert len(byvalue._templates) <= byvalue._MAX_TEMPLATES
+    assert blobs[-1] in byvalue._templates and blobs[0] not in byvalue._templates
+    assert byvalue.load(blobs[0])() == 0  # rebuilt on a miss
+    byvalue._templates.clear()
