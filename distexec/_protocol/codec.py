@@ -258,7 +258,9 @@ def encode(msg: Message, response_id: int = 0, notify_id: int = 0) -> list[bytes
     """
     fields: tuple[object, ...]
     if type(msg) is CallMsg:
-        ref = None if _by_value_modules() else names.ref_of(msg.fn)
+        ref = names.ref_of(msg.fn)
+        if ref is not None and _by_value_modules() and byvalue.by_value(ref.partition(":")[0]):
+            ref = None  # its module is registered for pickling by value
         fields = (msg.fn if ref is None else ref, msg.args, msg.kwargs, int(msg.mode), msg.rrid)
         body, buffers = dumps(fields, call=True)
     else:
