@@ -378,6 +378,10 @@ def test_executor_futures_make_their_lock_on_first_use() -> None:
 
     from distexec.executor import ExecutorFuture
 
+    # ExecutorFuture.__init__ replaces cf.Future's: a Python that adds an attribute there
+    # must fail here, not in a user's program.
+    lazy = {"_condition", "_waiters", "_done_callbacks"}
+    assert set(vars(cf.Future())) == set(vars(ExecutorFuture())) | lazy
     for _ in range(50):
         fut = ExecutorFuture()
         assert "_condition" not in fut.__dict__
