@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import json
 import os
-import platform
 import socket
 import struct
 import sys
@@ -57,7 +56,7 @@ def local_versions() -> dict[str, str]:
     return {
         "distexec": _version.__version__,
         "protocol": str(_version.PROTOCOL_VERSION),
-        "python": ".".join(platform.python_version_tuple()[:2]),
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",  # (platform costs 1 ms)
         "cloudpickle": _cloudpickle_version(),
     }
 

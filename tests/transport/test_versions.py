@@ -26,7 +26,11 @@ pytestmark = [pytest.mark.timeout(90)]
 
 PATCHES = {
     "distexec": "import distexec._version as v; v.__version__ = '9.9.9'",
-    "python": "import platform; platform.python_version_tuple = lambda: ('3', '99', '0')",
+    # The hello reads sys.version_info, which cannot be patched: the worker's report is.
+    "python": (
+        "from distexec._transport import handshake as h; _versions = h.local_versions; "
+        "h.local_versions = lambda: {**_versions(), 'python': '3.99'}"
+    ),
 }
 
 
