@@ -21,17 +21,23 @@ from typing import Any
 _NAMED_TYPES = (types.FunctionType, types.BuiltinFunctionType)
 _CACHE_MAX = 4096
 
-#: id(fn) -> (fn, "module:name", the module's namespace, name). Holding *fn* keeps its id.
-_sent: dict[int, tuple[Any, str, dict[str, Any], str]] = {}
+#: id(fn) -> (fn, "module:name", module name, module, name). Holding *fn* keeps its id.
+_sent: dict[int, tuple[Any, str, str, types.ModuleType, str]] = {}
 #: "module:name" -> (module name, module, name)
 _found: dict[str, tuple[str, types.ModuleType, str]] = {}
 _MISSING = object()
 
 
 def ref_of(fn: object) -> str | None:
-    """``"module:name"`` if *fn* is what that name holds in its module now, else None."""
+    """``"module:name"`` if *fn* is what that name holds in its module now, else None
+    (pickle's own check: otherwise it would not pickle *fn* by reference either)."""
     hit = _sent.get(id(fn))
-    if hit is not None and hit[0] is fn and hit[2].get(hit[3], _MISSING) is fn:
+    if (
+        hit is not None
+        and hit[0] is fn
+        and sys.modules.get(hit[2]) is hit[3]
+        and hit[3].__dict__.get(hit[4], _MISSING) is fn
+    ):
         return hit[1]
     if type(fn) not in _NAMED_TYPES:
         return None
@@ -39,13 +45,18 @@ def ref_of(fn: object) -> str | None:
     name = getattr(fn, "__qualname__", None)
     if type(module) is not str or type(name) is not str or module == "__main__" or "." in name:
         return None
-    namespace = getattr(sys.modules.get(module), "__dict__", None)
-    if type(namespace) is not dict or namespace.get(name, _MISSING) is not fn:
+    mod = sys.modules.get(module)
+    namespace = getattr(mod, "__dict__", None)
+    if (
+        not isinstance(mod, types.ModuleType)
+        or type(namespace) is not dict
+        or namespace.get(name, _MISSING) is not fn
+    ):
         return None
     ref = f"{module}:{name}"
     if len(_sent) >= _CACHE_MAX:
         _sent.clear()
-    _sent[id(fn)] = (fn, ref, namespace, name)
+    _sent[id(fn)] = (fn, ref, module, mod, name)
     return ref
 
 

@@ -64,11 +64,14 @@ def test_a_name_rebound_is_looked_up_again(monkeypatch: pytest.MonkeyPatch) -> N
     assert names.resolve("dx_names_probe:f")() == 2
     # The sender no longer names the old function: it is not what the module holds.
     assert names.ref_of(first) is None
-    # A module replaced in sys.modules is the one looked in.
+    # A module replaced in sys.modules is the one looked in, on both ends.
+    second = mod.f
+    assert names.ref_of(second) == "dx_names_probe:f"
     other = types.ModuleType("dx_names_probe")
     other.f = lambda: 3  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "dx_names_probe", other)
     assert names.resolve("dx_names_probe:f")() == 3
+    assert names.ref_of(second) is None  # no longer what the module of that name holds
 
 
 def test_unknown_names_fail_as_unpickling_would() -> None:
