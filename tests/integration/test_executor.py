@@ -406,3 +406,35 @@ def test_executor_futures_make_their_lock_on_first_use() -> None:
     done, _ = cf.wait([fut], timeout=10)
     assert done == {fut} and fut.result() == 7 and done_calls == [fut]
     assert [f.result() for f in cf.as_completed([fut], timeout=10)] == [7]
+
+
+def _run_in_turn(i: int) -> tuple[int, int]:
+    """Record how many executor calls run at once on this worker, and in which order."""
+    import builtins
+
+    state = builtins.__dict__.setdefault("_dx_turn_state", {"running": 0, "order": []})
+    state["running"] += 1
+    overlap = state["running"]
+    time.sleep(0.002)  # long enough for the next call, sent ahead, to be waiting
+    state["order"].append(i)
+    state["running"] -= 1
+    return overlap, len(state["order"])
+
+
+def test_a_worker_runs_the_executors_calls_one_at_a_time_in_order(cluster: list[int]) -> None:
+    """Calls are sent ahead to hide the round trip (CallMode.ORDERED); the worker must still
+    run them one after another, in the order they were submitted, as a
+    ProcessPoolExecutor process does."""
+    (w,) = cluster[:1]
+    with DistributedExecutor(pool=[w]) as ex:
+        results = [f.result(timeout=60) for f in [ex.submit(_run_in_turn, i) for i in range(40)]]
+    assert [overlap for overlap, _ in results] == [1] * 40
+    assert [position for _, position in results] == sorted(position for _, position in results)
+    order = dx.remotecall_fetch(_turn_order, w)
+    assert order[-40:] == list(range(40))
+
+
+def _turn_order() -> list[int]:
+    import builtins
+
+    return list(builtins._dx_turn_state["order"])  # type: ignore[attr-defined]
