@@ -89,8 +89,11 @@ def _bound_registry() -> set[str]:
     global _registry
     if _registry is _NO_REGISTRY:
         impl = sys.modules.get("cloudpickle.cloudpickle")
-        if impl is not None:
-            _registry = getattr(impl, "_PICKLE_BY_VALUE_MODULES", set())
+        # (A module another thread is still importing may not have its registry yet: look
+        # again next time rather than bind to something else.)
+        registry = getattr(impl, "_PICKLE_BY_VALUE_MODULES", None)
+        if isinstance(registry, set):
+            _registry = registry
     return _registry
 
 

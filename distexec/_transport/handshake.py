@@ -65,12 +65,11 @@ _cloudpickle_version_seen = ""
 
 
 def _cloudpickle_version() -> str:
-    """``cloudpickle.__version__``, read from its ``__init__.py`` when it is not imported
-    yet: importing it costs a worker ~5 ms of its start, and many never need it."""
+    """``cloudpickle.__version__``, read once from its ``__init__.py`` rather than by
+    importing it: importing costs a worker ~5 ms of its start, and many never need it. (Not
+    from ``sys.modules`` either: another thread may be importing it right now, and a module
+    half initialized has no ``__version__`` yet.)"""
     global _cloudpickle_version_seen
-    loaded = sys.modules.get("cloudpickle")
-    if loaded is not None:
-        return str(loaded.__version__)
     if not _cloudpickle_version_seen:
         import importlib.util
 
@@ -85,7 +84,7 @@ def _cloudpickle_version() -> str:
                             break
             except OSError:
                 pass
-        if not version:  # an unusual layout: ask the module itself
+        if not version:  # an unusual layout: ask the module (an import waits for one under way)
             import cloudpickle
 
             version = cloudpickle.__version__

@@ -158,3 +158,26 @@ def test_the_receivers_template_cache_drops_the_oldest_first() -> None:
     assert blobs[-1] in byvalue._templates and blobs[0] not in byvalue._templates
     assert byvalue.load(blobs[0])() == 0  # rebuilt on a miss
     byvalue._templates.clear()
+
+
+def test_a_half_imported_cloudpickle_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cloudpickle is imported lazily, so another thread may be importing it while a link
+    shakes hands or a message is pickled: its module is then in sys.modules without its
+    attributes yet. The hello's version and the by-value registry must not come from it
+    (the hello failed with AttributeError, and a worker-to-worker link with it)."""
+    import cloudpickle
+
+    from distexec._protocol import byvalue
+    from distexec._transport import handshake
+
+    half = types.ModuleType("cloudpickle")
+    half.__spec__ = cloudpickle.__spec__  # set before the module's code runs, as import does
+    monkeypatch.setitem(sys.modules, "cloudpickle", half)
+    monkeypatch.setitem(
+        sys.modules, "cloudpickle.cloudpickle", types.ModuleType("cloudpickle.cloudpickle")
+    )
+    monkeypatch.setattr(handshake, "_cloudpickle_version_seen", "")
+    monkeypatch.setattr(byvalue, "_registry", byvalue._NO_REGISTRY)
+    assert handshake.local_versions()["cloudpickle"] == cloudpickle.__version__
+    assert not byvalue.any_registered()
+    assert byvalue._registry is byvalue._NO_REGISTRY  # not bound to a stand-in
