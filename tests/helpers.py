@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+
+
+def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run *code* in a fresh interpreter (``python -c``); fail the test with its stderr if it
+    exits non-zero. Its stdout and stderr are in the result."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert out.returncode == 0, f"exit {out.returncode}:\n{out.stderr}"
+    return out
 
 
 def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:

@@ -122,9 +122,7 @@ def test_output_is_prefixed_with_the_worker_id() -> None:
         "dx.remotecall_fetch(print, p, 'ping', flush=True)\n"
         "dx.rmprocs(p)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
+    out = helpers.run_python(code)
     assert "From worker 2: ping" in out.stdout
 
 
@@ -144,9 +142,7 @@ def test_plain_workers_start_without_what_they_do_not_use() -> None:
         "dx.rmprocs(p)\n"
         "print(json.dumps({'worker': there, 'ssl here': 'ssl' in set(sys.modules) - at_start}))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
+    out = helpers.run_python(code)
     assert json.loads(out.stdout.splitlines()[-1]) == {"worker": [], "ssl here": False}
 
 

@@ -450,8 +450,6 @@ def test_procs_of_a_host(three: list[int]) -> None:
 
 
 def test_master_worker_and_eager_topologies() -> None:
-    import subprocess
-    import sys
 
     code = (
         "import distexec as dx\n"
@@ -465,9 +463,7 @@ def test_master_worker_and_eager_topologies() -> None:
         "c, d = dx.addprocs(2, lazy=False)\n"
         "print('eager', dx.remotecall_fetch(lambda: dx.remotecall_fetch(dx.myid, c), d))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = helpers.run_python(code, timeout=120)
     assert "is not connected to 2. Topology : master_worker" in out.stdout
     assert "workers see [2, 3]" in out.stdout
     assert "eager 4" in out.stdout

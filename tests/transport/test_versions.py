@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import helpers
 import pytest
 
 import distexec as dx
@@ -116,7 +117,4 @@ def test_cloudpickle_is_imported_only_when_needed() -> None:
         "assert byvalue.any_registered() and byvalue.by_value('json.decoder')\n"
         "print('ok')\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert helpers.run_python(script).stdout.strip() == "ok"
