@@ -268,6 +268,9 @@ def encode(msg: Message, response_id: int = 0, notify_id: int = 0) -> list[bytes
     return framing.pack(msg.TAG, response_id, notify_id, body, buffers)
 
 
+_CALL_FIELDS = 5  # fn, args, kwargs, mode, rrid: what encode sends of a CallMsg
+
+
 def decode(frame: framing.Frame) -> Message:
     """Rebuild the message of *frame*. Raises whatever unpickling raises (callers reply with it)."""
     cls = MSG_TYPES.get(frame.tag)
@@ -282,7 +285,11 @@ def decode(frame: framing.Frame) -> Message:
         from ..errors import ProtocolError
 
         raise ProtocolError(f"message body of tag {frame.tag} is not a tuple")
-    if cls is CallMsg and values:
+    if cls is CallMsg:
+        if len(values) != _CALL_FIELDS:  # (a ticket is the receiver's own: it never travels)
+            from ..errors import ProtocolError
+
+            raise ProtocolError(f"a call carries {len(values)} fields, not {_CALL_FIELDS}")
         fn = values[0]
         if type(fn) is str:  # a module-level function, by name
             values = (names.resolve(fn), *values[1:])

@@ -148,7 +148,8 @@ MSG_TYPES: dict[int, type[Any]] = {
 
 
 _FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {
-    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MSG_TYPES.values()
+    cls: tuple(f.name for f in dataclasses.fields(cls) if f.name != "ticket")  # never sent
+    for cls in MSG_TYPES.values()
 }
 
 

@@ -181,3 +181,16 @@ def test_a_half_imported_cloudpickle_is_not_read(monkeypatch: pytest.MonkeyPatch
     assert handshake.local_versions()["cloudpickle"] == cloudpickle.__version__
     assert not byvalue.any_registered()
     assert byvalue._registry is byvalue._NO_REGISTRY  # not bound to a stand-in
+
+
+def test_a_call_with_a_ticket_from_the_wire_is_refused() -> None:
+    """The turn of an ORDERED call is taken where it is received; a call whose body carries
+    a sixth field (a ticket) would wait for a turn that never comes: it is refused."""
+    import pickle
+
+    from distexec.errors import ProtocolError
+
+    body = pickle.dumps(("math:pow", (2, 3), {}, int(CallMode.FETCH), None, 10**9), 5)
+    frame = framing.Frame(CallMsg.TAG, 0, 0, 1, 0, memoryview(body), [])
+    with pytest.raises(ProtocolError, match="6 fields"):
+        codec.decode(frame)
