@@ -44,7 +44,7 @@ from ._protocol.messages import (
 from ._runner import Runner
 from ._transport import connection as _conn
 from ._transport.connection import Connection
-from ._transport.framing import Frame
+from ._transport.framing import FLAG_WAIT, Frame
 from .errors import (
     CapturedException,
     ClusterClosedError,
@@ -127,6 +127,7 @@ class Sink(Protocol):
 #: still running after this long (or blocks on the cluster sooner): short calls then cost
 #: no thread wake-up at all.
 _INLINE_GRACE = 0.002
+_SPIN = _config.SPIN_SECONDS
 _INLINE_POLL = 0.001  # how often the watchdog looks while calls run inline
 _IDLE_POLL = 0.01  # ... and while none does
 
@@ -164,6 +165,9 @@ class Reply:
     """A one-shot slot for the answer to a call; the cheapest wait CPython has (a lock)."""
 
     __slots__ = ("_lock", "ok", "pid", "value")
+    #: A sink whose caller may read the link itself (``_read_for``): once its answer is in
+    #: and nothing else is due, the reader thread leaves the link quiet for that caller.
+    caller_waits = True
 
     def __init__(self, pid: WorkerId) -> None:
         self.pid = pid
@@ -728,19 +732,22 @@ class ProcessGroup:
         args: tuple[object, ...],
         kwargs: Mapping[str, object],
         ordered: bool = False,
+        waiting: bool = False,
     ) -> tuple[int, list[bytes | memoryview]]:
         """Pickle a call whose value comes back (FETCH): ``(call id, frame parts)``.
 
         The parts do not depend on the destination, so a retried call is pickled once.
         *ordered*: the receiver runs it after the ordered calls that reached it before
-        (``CallMode.ORDERED``, an executor's calls).
+        (``CallMode.ORDERED``, an executor's calls). *waiting*: the caller waits for this
+        answer with nothing else to do (``FLAG_WAIT``: both ends poll rather than sleep).
 
         Raises:
             SerializationError: the call would not pickle; nothing was sent.
         """
         cid = self._call_ids.next()
         mode = CallMode.ORDERED if ordered else CallMode.FETCH
-        return cid, codec.encode(CallMsg(fn, args, kwargs, mode), response_id=cid)
+        flags = FLAG_WAIT if waiting and _SPIN else 0
+        return cid, codec.encode(CallMsg(fn, args, kwargs, mode), response_id=cid, flags=flags)
 
     def send_call(
         self, pid: WorkerId, cid: int, parts: list[bytes | memoryview], sink: Sink
@@ -824,7 +831,7 @@ class ProcessGroup:
             ProcessExitedException: *pid* went away before answering.
             SerializationError: the call would not pickle; nothing was sent.
         """
-        cid, parts = self.prepare_call(fn, args, kwargs)
+        cid, parts = self.prepare_call(fn, args, kwargs, waiting=True)
         reply = Reply(pid)
         # A quiet link: this thread reads the reply itself (taken before sending, or the
         # watchdog could see the reply first and start a reader).
@@ -835,7 +842,7 @@ class ProcessGroup:
             try:
                 self.send_call(pid, cid, parts, reply)
             finally:
-                self._read_for(peer, conn, reply._lock)
+                self._read_for(peer, conn, reply._lock.locked)
         else:
             self.send_call(pid, cid, parts, reply)
         if not reply.wait(timeout):
@@ -954,16 +961,22 @@ class ProcessGroup:
                 # No message outlives its handling: the next read may block for long, and a
                 # call's arguments held meanwhile would not be freed (nor their __del__ run).
                 frame = conn.read()
+                flags = frame.flags
                 if frame.tag == CallMsg.TAG:
                     call = self._decode_call(peer, frame)
                     rid = frame.response_id
                     del frame
                     if call is None:
                         continue
-                    passed = self._run_inline(peer, conn, call, rid)
+                    waiting = flags & FLAG_WAIT
+                    passed = self._run_inline(peer, conn, call, rid, waiting)
                     del call
                     if passed:
                         return  # a follower reads on
+                    if waiting and _SPIN:
+                        # Its caller waited for it alone: a sequential caller's next call
+                        # follows within microseconds.
+                        conn.poll(_SPIN)
                     continue
                 answered = self._dispatch(peer, conn, frame)
                 del frame
@@ -972,8 +985,9 @@ class ProcessGroup:
                     and not (peer.pending or peer.awaiting or conn.buffered)
                     and self._go_idle(peer, conn)
                 ):
-                    # It answered a blocking call, and nothing else is expected: the link
-                    # is quiet until the next such call, whose thread reads it itself.
+                    # It answered a call a caller may wait for, and nothing else is
+                    # expected: the link is quiet until the next such call, whose thread
+                    # may read it itself.
                     return
         except ProtocolError as exc:  # before OSError: a ProtocolError is a ConnectionError
             error = exc
@@ -991,8 +1005,11 @@ class ProcessGroup:
             # next garbage collection.
             error = None
 
-    def _run_inline(self, peer: Peer, conn: Connection, call: CallMsg, response_id: int) -> bool:
-        """Run *call* on this reader thread; True if reading passed to a follower meanwhile."""
+    def _run_inline(
+        self, peer: Peer, conn: Connection, call: CallMsg, response_id: int, flags: int = 0
+    ) -> bool:
+        """Run *call* on this reader thread; True if reading passed to a follower meanwhile.
+        *flags* go on the answer (``FLAG_WAIT``: the caller waits for it alone)."""
         tok = _Inline(self, peer, conn)
         with self._inline_lock:
             self._inline.add(tok)
@@ -1000,7 +1017,7 @@ class ProcessGroup:
                 self._start_watchdog()
         _tls.inline = tok
         try:
-            self._execute(peer, call, response_id)
+            self._execute(peer, call, response_id, flags)
         finally:
             _tls.inline = None
             with self._inline_lock:
@@ -1114,17 +1131,34 @@ class ProcessGroup:
                     self._unpoll(fd)
             conn.reading = _THREAD
 
-    def _read_for(self, peer: Peer, conn: Connection, waiting: threading.Lock) -> None:
-        """Read *conn* on this thread, which ``_take_read`` made its reader, until *waiting*
-        is released (the caller's reply came); then let the link go: back to the watchdog
-        if it is quiet, else to a reader thread. Whatever else arrives meanwhile is handled
-        as a reader thread would, except that calls go to the runner. A large message goes
-        to a reader thread: only small ones are read here, where a ``KeyboardInterrupt``
-        may stop the read at any point and must not lose part of a message."""
+    def read_briefly(self, pid: WorkerId, waiting: Callable[[], bool]) -> None:
+        """Read *pid*'s link on this thread while ``waiting()`` and messages keep coming
+        within ``DISTEXEC_SPIN_US``, if the link is quiet (nobody reads it): a caller whose
+        answer is due any moment takes it without a thread hand-off. It never blocks for
+        longer: whatever else the caller waits for (a timeout, a cancel) still reaches it."""
+        peer = self._peers.get(pid)
+        conn = None if peer is None or not _SPIN else peer.conn
+        if conn is not None and conn.reading == _IDLE and self._take_read(conn):
+            assert peer is not None
+            self._read_for(peer, conn, waiting, brief=True)
+
+    def _read_for(
+        self, peer: Peer, conn: Connection, waiting: Callable[[], bool], brief: bool = False
+    ) -> None:
+        """Read *conn* on this thread, which ``_take_read`` made its reader, while
+        ``waiting()`` (the caller's reply has not come); then let the link go: back to the
+        watchdog if it is quiet, else to a reader thread. *brief*: stop as soon as nothing
+        arrives within the poll time. Whatever else arrives meanwhile is handled as a reader
+        thread would, except that calls go to the runner. A large message goes to a reader
+        thread: only small ones are read here, where a ``KeyboardInterrupt`` may stop the
+        read at any point and must not lose part of a message."""
         error: BaseException | None = None
         to_thread = True
         try:
-            while waiting.locked():
+            while waiting():
+                # The answer is due any moment: stay awake for it.
+                if _SPIN and not conn.poll(_SPIN) and brief:
+                    break
                 frame = conn.read_if_small()
                 if frame is None:
                     break
@@ -1182,7 +1216,7 @@ class ProcessGroup:
                 reply.set(msg.ok, msg.value)
             else:
                 reply.set(True, msg)
-            return type(reply) is Reply
+            return getattr(reply, "caller_waits", False)
         if tag == CallMsg.TAG:
             call = self._decode_call(peer, frame)
             if call is not None:
@@ -1244,7 +1278,7 @@ class ProcessGroup:
             self.owner_register(rrid, peer.pid)
             self.owner_complete(rrid, peer.pid, False, err)
 
-    def _execute(self, peer: Peer, msg: CallMsg, response_id: int) -> None:
+    def _execute(self, peer: Peer, msg: CallMsg, response_id: int, flags: int = 0) -> None:
         fn = msg.fn
         track = not getattr(fn, "distexec_system", False)
         running = self.runner.running
@@ -1265,16 +1299,16 @@ class ProcessGroup:
             value = RemoteException(self.myid, CapturedException.capture(exc))
             ok = False
         if msg.mode is CallMode.FETCH or msg.mode is CallMode.ORDERED:
-            self._reply(peer, response_id, ok, value)
+            self._reply(peer, response_id, ok, value, flags)
         elif msg.mode is CallMode.FUTURE:
             assert msg.rrid is not None
             self.owner_complete(msg.rrid, peer.pid, ok, value)
         elif not ok:
             _log(f"remote_do from {peer.pid} failed: {value}")
 
-    def _reply(self, peer: Peer, response_id: int, ok: bool, value: object) -> None:
+    def _reply(self, peer: Peer, response_id: int, ok: bool, value: object, flags: int = 0) -> None:
         try:
-            parts = codec.encode(ResultMsg(ok, value), response_id=response_id)
+            parts = codec.encode(ResultMsg(ok, value), response_id=response_id, flags=flags)
         except SerializationError as exc:
             parts = codec.encode(
                 ResultMsg(False, _remote_error(self.myid, exc)), response_id=response_id

@@ -18,6 +18,28 @@ HANDSHAKE_TIMEOUT = 10.0
 INLINE_RESULT_BYTES = 1 << 20
 
 
+def _spin_seconds() -> float:
+    value = os.environ.get("DISTEXEC_SPIN_US", "50")
+    try:
+        us = float(value)
+    except ValueError:
+        raise ValueError(
+            f"DISTEXEC_SPIN_US must be a number of microseconds, not {value!r}"
+        ) from None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    # On one CPU a process that polls only keeps its peer from running.
+    return max(us, 0.0) * 1e-6 if cpus > 1 else 0.0
+
+
+#: How long a link's reader polls for a message due any moment (the answer to a lone call,
+#: or a sequential caller's next call) before it sleeps: ``DISTEXEC_SPIN_US``, default 50;
+#: 0 never polls. Waking a sleeping process costs tens of microseconds on a small VM.
+SPIN_SECONDS = _spin_seconds()
+
+
 def worker_timeout() -> float:
     """Seconds a worker waits for the master, and the master for a worker (Julia's
     ``JULIA_WORKER_TIMEOUT``). Read at use time, as Julia does."""

@@ -54,10 +54,11 @@ from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from . import _api, _cluster, _timeouts
+from . import _api, _cluster, _config, _timeouts
 from ._cluster import ExitReason
 from ._ids import WorkerId
 from ._remotecall import remotecall_fetch
+from ._transport.framing import FLAG_WAIT, flagged
 from .errors import (
     ProcessExitedException,
     RemoteException,
@@ -68,6 +69,8 @@ from .errors import (
 from .pmap import _run_batch
 from .retry import validate_delays
 from .workerpool import AbstractWorkerPool
+
+_SPIN = _config.SPIN_SECONDS
 
 #: Calls sent ahead per worker, so a worker never waits for its next task.
 _DEPTH = 2
@@ -154,6 +157,34 @@ class ExecutorFuture(cf.Future):  # type: ignore[type-arg]
             if self._state != _base.RUNNING:
                 return False
         return False
+
+    def result(self, timeout: float | None = None) -> Any:
+        if timeout is None and self._state == _base.RUNNING:
+            self._read_answer()
+        return super().result(timeout)
+
+    result.__doc__ = cf.Future.result.__doc__
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if timeout is None and self._state == _base.RUNNING:
+            self._read_answer()
+        return super().exception(timeout)
+
+    exception.__doc__ = cf.Future.exception.__doc__
+
+    def _read_answer(self) -> None:
+        """If the call is in flight on a quiet link, read that link on this thread for as
+        long as messages keep coming within ``DISTEXEC_SPIN_US``: a short call's answer then
+        reaches its caller without a thread hand-off (``ProcessGroup.read_briefly``)."""
+        item = self._dx_item
+        if item is None or not _SPIN:
+            return
+        exe, cid, pid = item.exe, item.cid, item.pid
+        running = exe._running
+        if pid and running.get(cid) is item:
+            exe._g.read_briefly(
+                pid, lambda: self._state == _base.RUNNING and running.get(cid) is item
+            )
 
     def __await__(self) -> Any:
         import asyncio
@@ -298,6 +329,9 @@ class _Item:
         self.retry: tuple[Iterator[float], Any] | None = None  # delays left, check state
         self.started = False  # RUNNING already (a retry): dispatch leaves its state alone
         self.sent = 0  # times dispatched: a deadline belongs to one dispatch
+
+    #: Its future's ``result()`` may read the link itself (see ``cluster.Reply``).
+    caller_waits = True
 
     def set(self, ok: bool, value: object) -> None:  # Sink: runs on a reader thread
         self.exe._completed(self, ok, value)
@@ -683,9 +717,12 @@ class DistributedExecutor(cf.Executor):
             self._running[item.cid] = item
             if self._task_timeout is not None:
                 self._arm_locked(time.monotonic() + self._task_timeout, "timeout", item)
-            assert item.parts is not None
+            parts = item.parts
+            assert parts is not None
+            if n == 0 and _SPIN:  # nothing else in flight to it: a caller may wait for this
+                parts = flagged(parts, FLAG_WAIT)
             self._sending = item  # a failure reported during send_call: it never left
-            self._g.send_call(pid, item.cid, item.parts, item)
+            self._g.send_call(pid, item.cid, parts, item)
             self._sending = None
 
     def _reserve_locked(self) -> None:

@@ -11,11 +11,19 @@ import time
 from collections.abc import Callable
 
 
-def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run *code* in a fresh interpreter (``python -c``); fail the test with its stderr if it
-    exits non-zero. Its stdout and stderr are in the result."""
+def run_python(
+    code: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run *code* in a fresh interpreter (``python -c``, with *env* added to this process's
+    environment); fail the test with its stderr if it exits non-zero. Its stdout and stderr
+    are in the result."""
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
     )
     assert out.returncode == 0, f"exit {out.returncode}:\n{out.stderr}"
     return out

@@ -251,8 +251,11 @@ def loads(body: memoryview | bytes, buffers: Sequence[memoryview] = ()) -> objec
     return pickle.loads(body, buffers=buffers)
 
 
-def encode(msg: Message, response_id: int = 0, notify_id: int = 0) -> list[bytes | memoryview]:
-    """Pack *msg* into the parts of one frame. Pickling happens here, outside any send lock.
+def encode(
+    msg: Message, response_id: int = 0, notify_id: int = 0, flags: int = 0
+) -> list[bytes | memoryview]:
+    """Pack *msg* into the parts of one frame (header *flags*: ``framing.FLAG_*``). Pickling
+    happens here, outside any send lock.
 
     A call's function travels by name when it is a module-level one (see :mod:`names`).
     """
@@ -265,7 +268,7 @@ def encode(msg: Message, response_id: int = 0, notify_id: int = 0) -> list[bytes
         body, buffers = dumps(fields, call=True)
     else:
         body, buffers = dumps(messages.fields(msg))
-    return framing.pack(msg.TAG, response_id, notify_id, body, buffers)
+    return framing.pack(msg.TAG, response_id, notify_id, body, buffers, flags=flags)
 
 
 _CALL_FIELDS = 5  # fn, args, kwargs, mode, rrid: what encode sends of a CallMsg

@@ -168,6 +168,11 @@ class Connection:
             )
         return frame
 
+    def poll(self, seconds: float) -> bool:
+        """Watch for the next message for up to *seconds* without sleeping (see
+        ``FrameReader.poll``); only the link's reader calls this. True: it is arriving."""
+        return self._reader.poll(seconds)
+
     @property
     def buffered(self) -> bool:
         """Whether the next message has started to arrive (already read from the socket)."""

@@ -27,15 +27,22 @@ import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from time import perf_counter as _clock
 from typing import Protocol
 
 from .. import _config
 from ..errors import FrameTooLargeError, ProtocolError
 from .integrity import MAC_SIZE, SEQ_MASK, keyed
 
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
 HEADER = struct.Struct("!BBHIQQQ")
 HEADER_SIZE = HEADER.size  # 32
 FLAG_MAC = 0x01
+#: A hint: the sender waits for this message's answer and has nothing else outstanding on
+#: the link (a lone call, or the answer to one). Its next message will probably follow soon,
+#: so the receiver watches for it a little while before it sleeps (see ``FrameReader.poll``).
+FLAG_WAIT = 0x02
 _LEN = struct.Struct("!Q")
 _FLAGS_AT = 1
 _SEQ = struct.Struct("!I")
@@ -90,14 +97,22 @@ def pack(
     body: bytes,
     buffers: Sequence[memoryview] = (),
     seq: int = 0,
+    flags: int = 0,
 ) -> list[bytes | memoryview]:
     """The pieces of one message, ready for :func:`send_parts`."""
     n = len(buffers)
-    head = HEADER.pack(tag, 0, n, seq, len(body), response_id, notify_id)
+    head = HEADER.pack(tag, flags, n, seq, len(body), response_id, notify_id)
     if not n:
         return [head + body]
     lens = struct.pack(f"!{n}Q", *(b.nbytes for b in buffers))
     return [head + lens + body, *buffers]
+
+
+def flagged(parts: list[bytes | memoryview], flags: int) -> list[bytes | memoryview]:
+    """*parts* of a packed message with *flags* set in its header (the first part is copied)."""
+    first = bytearray(parts[0])
+    first[_FLAGS_AT] |= flags
+    return [bytes(first), *parts[1:]]
 
 
 def send_parts(sock: FrameSocket, parts: Sequence[bytes | memoryview]) -> None:
@@ -216,8 +231,10 @@ class FrameReader:
         "_mac",
         "_mac_key",
         "_max",
+        "_misses",
         "_peer",
         "_seq",
+        "_skip",
         "_sock",
         "_start",
         "_view",
@@ -234,6 +251,8 @@ class FrameReader:
         self._mac_key = b""
         self._seq = 1  # the (64-bit) number of the next message expected
         self._peer = "peer"
+        self._misses = 0  # polls in a row that saw nothing: the next few are skipped
+        self._skip = 0
 
     def expect_mac(self, key: bytes, peer: str) -> None:
         """From the next message on, check each one's MAC under *key* and its ``seq``."""
@@ -357,6 +376,39 @@ class FrameReader:
     def buffered(self) -> bool:
         """Whether bytes of a next message are already here (the socket would not tell)."""
         return self._end > self._start
+
+    def poll(self, seconds: float) -> bool:
+        """Watch the socket for up to *seconds* for the next message, without sleeping; True
+        once bytes of it are here (or the peer closed: the next read says so).
+
+        A blocked reader whose CPU goes idle is woken slowly on a small VM (tens of us: the
+        idle vCPU halts). When the next message is due within microseconds, polling keeps
+        the CPU awake and catches it at once. Polls that see nothing make the next ones be
+        skipped (1, 2, 4, ... up to 64 of them), so a peer that is slow to answer costs
+        little. Only a plain socket is polled; for other streams this returns False.
+        """
+        if self._end > self._start:
+            return True
+        sock = self._sock
+        if self._skip or type(sock) is not socket.socket or not _DONTWAIT:
+            if self._skip:
+                self._skip -= 1
+            return False
+        self._start = self._end = 0  # nothing is staged: receive at the front
+        view = self._view
+        deadline = _clock() + seconds
+        while True:
+            try:
+                got = sock.recv_into(view, 0, _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                if _clock() < deadline:
+                    continue
+                self._misses = misses = min(self._misses + 1, 6)
+                self._skip = 1 << misses
+                return False
+            self._end = got
+            self._misses = 0
+            return True
 
     def read_if_small(self) -> Frame | None:
         """:meth:`read` a message that fits the staging buffer; None if the next one does not.
