@@ -72,8 +72,13 @@ from .workerpool import AbstractWorkerPool
 
 _SPIN = _config.SPIN_SECONDS
 
-#: Calls sent ahead per worker, so a worker never waits for its next task.
+#: Calls in flight per worker, so a worker never waits for its next task ...
 _DEPTH = 2
+#: ... and while calls take less than _SHORT_CALL seconds each (measured): one call's round
+#: trip then costs more than the call, and more in flight keep the worker busy. A worker
+#: that finishes last is then late by at most (_DEEP - 1) short calls.
+_DEEP = 4
+_SHORT_CALL = 0.0005
 #: A future's states that mean cancelled (read without its lock: the hot path takes none,
 #: and a cancel racing with it is caught where the future is settled).
 _CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
@@ -413,6 +418,9 @@ class DistributedExecutor(cf.Executor):
         self._queue: collections.deque[_Item] = collections.deque()
         self._running: dict[int, _Item] = {}  # cid -> item
         self._slots: dict[WorkerId, int] = {}  # worker -> calls in flight (dispatchable workers)
+        self._depth = _DEPTH  # calls in flight per worker at most: _DEPTH, or _DEEP
+        self._call_time = 1.0  # seconds a call takes on a busy worker (moving average)
+        self._done_at: dict[WorkerId, float] = {}  # worker -> when its last call finished
         self._tasks_done: dict[WorkerId, int] = {}
         self._retiring: set[WorkerId] = set()
         self._owned: set[WorkerId] = set()
@@ -682,7 +690,7 @@ class DistributedExecutor(cf.Executor):
         """Send queued calls, each to the least busy worker with a free slot."""
         queue, slots = self._queue, self._slots
         while queue and not self._broken:
-            pid, n = -1, _DEPTH
+            pid, n = -1, self._depth
             for p, k in slots.items():
                 if k < n and p not in self._retiring:
                     if self._max_tasks is not None and (
@@ -748,7 +756,15 @@ class DistributedExecutor(cf.Executor):
                 return  # settled already
             pid = item.pid
             if pid in self._slots:
-                self._slots[pid] -= 1
+                busy = self._slots[pid] = self._slots[pid] - 1
+                now = time.monotonic()
+                last = self._done_at.get(pid)
+                self._done_at[pid] = now
+                if busy and last is not None:
+                    # It went on with a call that was waiting there: the time since its last
+                    # one finished is one call's (plus any wait for it, so never less).
+                    self._call_time += (now - last - self._call_time) * 0.25
+                    self._depth = _DEEP if self._call_time < _SHORT_CALL else _DEPTH
             hit = False
             if self._hit:
                 hit = item.cid in self._hit
@@ -1048,6 +1064,7 @@ class DistributedExecutor(cf.Executor):
     def _lost_locked(self, pid: WorkerId) -> None:
         """Worker *pid* is gone: stop using it, and replace it if it was ours."""
         self._slots.pop(pid, None)
+        self._done_at.pop(pid, None)
         self._retiring.discard(pid)
         if pid in self._owned:
             self._owned.discard(pid)

@@ -438,3 +438,23 @@ def _turn_order() -> list[int]:
     import builtins
 
     return list(builtins._dx_turn_state["order"])  # type: ignore[attr-defined]
+
+
+def test_more_calls_go_ahead_only_while_calls_are_short() -> None:
+    """Short calls get more of them in flight per worker (a round trip costs more than the
+    call); once calls take longer, the executor goes back to one sent ahead, so a worker
+    that finishes last is never late by more than a few short calls."""
+    from distexec import executor as executor_mod
+
+    with DistributedExecutor(max_workers=2) as ex:
+        assert ex._depth == executor_mod._DEPTH  # nothing measured yet
+        assert list(ex.map(abs, range(-3000, 0))) == list(range(3000, 0, -1))
+        assert ex._call_time < executor_mod._SHORT_CALL
+        assert ex._depth == executor_mod._DEEP
+        assert list(ex.map(helpers.sleep_and_return, [0.02] * 12)) == [0.02] * 12
+        assert ex._call_time >= executor_mod._SHORT_CALL
+        assert ex._depth == executor_mod._DEPTH
+        # Never more in flight on one worker than the depth allows.
+        futures = [ex.submit(helpers.sleep_and_return, 0.2) for _ in range(8)]
+        assert max(ex._slots.values()) <= executor_mod._DEPTH
+        assert [f.result(timeout=30) for f in futures] == [0.2] * 8
