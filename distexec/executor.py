@@ -446,7 +446,7 @@ class DistributedExecutor(cf.Executor):
         self._sending: _Item | None = None  # the call being handed to send_call
         # ProcessPoolExecutor's names for its state (see the module docstring); one dict for
         # the executor's life, so a reference taken early sees every worker it ever owned.
-        self._processes: dict[int, _WorkerProcess] = {}  # OS pid -> handle, owned workers
+        self._procs: dict[int, _WorkerProcess] = {}  # OS pid -> handle, owned workers
         self._os_pids: dict[WorkerId, int] = {}
         self._call_queue = _CallQueue(self._queue)
         self._hook: Callable[[WorkerId], None] | None = None  # our on_peer_lost entry
@@ -480,6 +480,10 @@ class DistributedExecutor(cf.Executor):
             item.cid, item.parts = self._g.prepare_call(fn, args, kwargs, ordered=True)
         except BaseException as exc:
             future.set_exception(exc)
+            if not (self._started or self._on_demand):
+                with self._lock:  # the first submit starts all the workers, whatever its fate
+                    if not (self._started or self._shutdown):
+                        self._start()
             return future
         with self._lock:
             if self._shutdown:  # shutdown raced with us
@@ -637,6 +641,24 @@ class DistributedExecutor(cf.Executor):
         """The pids this executor runs calls on."""
         with self._lock:
             return sorted(self._slots)
+
+    @property
+    def _processes(self) -> dict[int, _WorkerProcess]:
+        """``ProcessPoolExecutor._processes``: {OS pid: process} of the workers this executor
+        owns, one dict for its whole life. ``ProcessPoolExecutor`` starts a worker inside
+        ``submit()``; here the manager thread starts it just after, so reading this waits
+        for the starts already asked for (at most ``DISTEXEC_WORKER_TIMEOUT``)."""
+        if threading.current_thread() is not self._manager:
+            deadline = time.monotonic() + _config.worker_timeout()
+            with self._events:
+                while (self._want_workers or self._starting) and not (
+                    self._broken or self._shutdown
+                ):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._events.wait(min(left, 0.5))
+        return self._procs
 
     @property
     def _executor_manager_thread(self) -> threading.Thread | None:
@@ -973,6 +995,7 @@ class DistributedExecutor(cf.Executor):
             self._owned.update(pids)  # ours from now on, so shutdown removes them all
             for pid in pids:
                 self._register_process_locked(pid)
+            self._events.notify_all()  # (for _processes)
         # As multiprocessing gives a child it spawns: this process's authkey, so that the
         # proxies of a multiprocessing Manager started here work in the calls (and the
         # initializer). Our workers are local: the key does not leave this machine.
@@ -1014,14 +1037,14 @@ class DistributedExecutor(cf.Executor):
         popen = peer.config.process if peer is not None and peer.config is not None else None
         if isinstance(popen, subprocess.Popen):
             self._os_pids[pid] = popen.pid
-            self._processes[popen.pid] = _WorkerProcess(pid, popen)
+            self._procs[popen.pid] = _WorkerProcess(pid, popen)
 
     def _unregister_process_locked(self, pid: WorkerId) -> None:
         """Worker *pid* is no longer ours to use (retired, or gone): it leaves ``_processes``,
         as an exited worker leaves ``ProcessPoolExecutor``'s."""
         ospid = self._os_pids.pop(pid, None)
         if ospid is not None:
-            self._processes.pop(ospid, None)
+            self._procs.pop(ospid, None)
 
     def _reap_retired_locked(self) -> None:
         done = [p for p in self._retiring if self._slots.get(p, 0) == 0]

@@ -20,6 +20,9 @@ First filled from the run at commit 3a83956 ("the executor spreads calls over it
 private attributes honoured since (``_processes``, ``_mp_context``, ``_executor_manager_thread``,
 ``_call_queue``, ``_broken``), and all three variants run; workers start on demand unless the
 start method is fork, as ``ProcessPoolExecutor``'s do (the ``test_idle_process_reuse`` tests).
+Since then multiprocessing's locks, semaphores and conditions travel by the name of their
+semaphores (``test_saturation``, ``test_processes_terminate``), and reading ``_processes``
+waits for the workers being started, which ``ProcessPoolExecutor`` starts inside ``submit()``.
 """
 
 VARIANTS = ("Fork", "Forkserver", "Spawn")
@@ -29,8 +32,9 @@ _NOT_BROKEN = (
     " goes on (DESIGN.md 7)"
 )
 _INHERITED = (
-    " which pickles only while multiprocessing spawns a process (inheritance): distexec pickles"
-    " a call in submit() and fails its future there with RuntimeError"
+    " which pickles only while multiprocessing spawns a process (inheritance: its pipe's file"
+    " descriptors go to the child as it starts); distexec passes no descriptors to a worker"
+    " that already runs"
 )
 
 # (test as "ClassSuffix.test_name", the variants it fails in, why)
@@ -71,33 +75,18 @@ _ENTRIES: list[tuple[str, tuple[str, ...], str]] = [
     (
         "ProcessPoolExecutorTest.test_killed_child",
         VARIANTS,
-        "workers start on the manager thread after submit() returns, so _processes is still"
-        " empty when the test picks a worker to terminate (StopIteration); and a terminated"
-        " worker is replaced rather than breaking the pool, so the later submit() the test"
-        " expects to raise BrokenProcessPool would succeed (DESIGN.md 7)",
+        "a terminated worker is replaced rather than breaking the pool: the call that was"
+        " running there fails with WorkerLostError, and the later call the test expects to"
+        " raise BrokenProcessPool runs on the replacement (DESIGN.md 7)",
     ),
     # --- objects that pickle only through process inheritance ------------------------------------
     (
         "FailingInitializerTest.test_initializer",
         VARIANTS,
         "initargs hold a multiprocessing Queue,"
-        + _INHERITED.replace(" a call in submit()", "")
-        + "; here the initializer cannot be sent, so its ValueError never reaches the log queue"
+        + _INHERITED
+        + "; the initializer cannot be sent, so its ValueError never reaches the log queue"
         " the test reads",
-    ),
-    (
-        "ProcessPoolExecutorTest.test_saturation",
-        VARIANTS,
-        "its 75 calls carry a multiprocessing Semaphore," + _INHERITED + ", so no call ever needs"
-        " a worker and none is started; the test counts ProcessPoolExecutor's processes, which"
-        " it starts in submit() before its feeder thread fails to pickle the calls",
-    ),
-    (
-        "ProcessPoolShutdownTest.test_processes_terminate",
-        VARIANTS,
-        "its 3 calls carry a multiprocessing Semaphore," + _INHERITED + ", so no worker is"
-        " started; the test counts ProcessPoolExecutor's processes (3, or 5 with fork), which it"
-        " starts in submit() before its feeder thread fails to pickle the calls",
     ),
     # --- mp_context does not make forked workers -------------------------------------------------
     (

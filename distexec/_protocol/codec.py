@@ -6,12 +6,14 @@ transport.framing.
 
 from __future__ import annotations
 
+import collections
+import copyreg
 import io
 import pickle
 import threading
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from .._transport import framing
 from ..errors import SerializationError
@@ -135,10 +137,10 @@ def _dumps(obj: object, call: bool = False) -> tuple[bytes, list[memoryview]]:
     if main is not _UNCACHED and (cached := _dumps_cached(obj, keep_out_of_band)) is not None:
         return cached, buffers
     buffers.clear()
-    import cloudpickle  # here: a process that never pickles by value never imports it
-
     try:
-        body = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band)
+        out = io.BytesIO()
+        _cloud_pickler()(out, protocol=5, buffer_callback=keep_out_of_band).dump(obj)
+        body = out.getvalue()
     except (Exception, SystemExit) as exc:
         raise SerializationError(
             f"cannot pickle {_describe(obj)}: {type(exc).__name__}: {exc}"
@@ -195,6 +197,95 @@ class _Uncached(Exception):
     """A function of ``__main__`` has no cached pickle (yet): cloudpickle the message."""
 
 
+class _SyncByName:
+    """Reduces multiprocessing's locks, semaphores and conditions by the name of their
+    semaphores, which another process on this machine opens (``sem_open``).
+
+    Pickled alone they insist on process inheritance (``assert_spawning``): a multiprocessing
+    child gets them as it is spawned. A worker here is no child of multiprocessing, but the
+    named semaphore is the same object for any process that opens it, which is all that
+    inheritance gives the spawn and forkserver start methods. One made for fork has no name
+    (its name is unlinked at once): that one is refused, with the reason.
+    """
+
+    _table: dict[Any, Any] | None = None
+    _chained: collections.ChainMap[Any, Any] | None = None
+
+    @classmethod
+    def with_copyreg(cls) -> collections.ChainMap[Any, Any]:
+        """The table in front of ``copyreg``'s (a live view: later registrations count)."""
+        if cls._chained is None:
+            base: Any = copyreg.dispatch_table
+            cls._chained = collections.ChainMap(cls.table(), base)
+        return cls._chained
+
+    @classmethod
+    def table(cls) -> dict[Any, Any]:
+        if cls._table is None:
+            import importlib
+            import multiprocessing.synchronize as sync
+
+            semlocks = (sync.Lock, sync.RLock, sync.Semaphore, sync.BoundedSemaphore)
+            table: dict[Any, Any] = dict.fromkeys(semlocks, _reduce_semlock)
+            table[sync.Condition] = _reduce_condition
+            # Its methods (``sem.acquire`` is the C object's) pickle the C object itself.
+            table[importlib.import_module("_multiprocessing").SemLock] = _reduce_c_semlock
+            cls._table = table
+        return cls._table
+
+
+def _semlock_state(sl: Any, what: str) -> tuple[object, ...]:
+    import sys
+
+    if sl.name is None or sys.platform == "win32":
+        raise RuntimeError(
+            f"a multiprocessing {what} made for the fork start method can only be shared "
+            "with forked children; make it with multiprocessing.get_context('spawn') or "
+            "'forkserver' to pass it to a worker"
+        )
+    return (sl.handle, sl.kind, sl.maxvalue, sl.name)
+
+
+def _reduce_semlock(obj: Any) -> Any:
+    return _restore, (type(obj), _semlock_state(obj._semlock, type(obj).__name__))
+
+
+def _reduce_c_semlock(obj: Any) -> Any:
+    return type(obj)._rebuild, _semlock_state(obj, "lock or semaphore")
+
+
+def _reduce_condition(obj: Any) -> Any:
+    state = (obj._lock, obj._sleeping_count, obj._woken_count, obj._wait_semaphore)
+    return _restore, (type(obj), state)
+
+
+def _restore(cls: Any, state: tuple[object, ...]) -> object:
+    obj = cls.__new__(cls)
+    obj.__setstate__(state)
+    return obj
+
+
+_CloudPickler: type | None = None
+
+
+def _cloud_pickler() -> type:
+    """cloudpickle's pickler, also taking multiprocessing's named semaphores (made once)."""
+    global _CloudPickler
+    if _CloudPickler is None:
+        import collections
+
+        import cloudpickle  # here: a process that never pickles by value never imports it
+
+        base: Any = cloudpickle.CloudPickler.dispatch_table
+
+        class CloudPickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+            # (a class attribute, as cloudpickle's own: the C pickler reads it at __init__)
+            dispatch_table: ClassVar[Any] = collections.ChainMap(_SyncByName.table(), base)
+
+        _CloudPickler = CloudPickler
+    return _CloudPickler
+
+
 class _CachedPickler(pickle.Pickler):
     """The C pickler, with each function pickled by value (of ``__main__``, or of a module
     registered for it) replaced by its cached pickle."""
@@ -202,6 +293,7 @@ class _CachedPickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], bool]):
         super().__init__(file, 5, buffer_callback=buffer_callback)
         self.blobs: list[bytes] = []
+        self.dispatch_table = _SyncByName.with_copyreg()
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is types.FunctionType:
