@@ -40,6 +40,21 @@ def _spin_seconds() -> float:
 SPIN_SECONDS = _spin_seconds()
 
 
+#: The master's multiprocessing authkey, on a local worker (from stdin); set as this
+#: process's only when multiprocessing is needed (``codec``), since importing it costs ~5 ms.
+mp_authkey: bytes | None = None
+
+
+def install_mp_authkey() -> None:
+    """Make :data:`mp_authkey` this process's multiprocessing authkey (once)."""
+    global mp_authkey
+    key, mp_authkey = mp_authkey, None
+    if key:
+        import multiprocessing
+
+        multiprocessing.current_process().authkey = key
+
+
 def worker_timeout() -> float:
     """Seconds a worker waits for the master, and the master for a worker (Julia's
     ``JULIA_WORKER_TIMEOUT``). Read at use time, as Julia does."""

@@ -785,7 +785,10 @@ class DistributedExecutor(cf.Executor):
                 if busy and last is not None:
                     # It went on with a call that was waiting there: the time since its last
                     # one finished is one call's (plus any wait for it, so never less).
-                    self._call_time += (now - last - self._call_time) * 0.25
+                    # Capped, so that one pause (a collection, a preemption) does not count
+                    # as long calls; three long calls in a row do.
+                    took = min(now - last, 4 * _SHORT_CALL)
+                    self._call_time += (took - self._call_time) * 0.125
                     self._depth = _DEEP if self._call_time < _SHORT_CALL else _DEPTH
             hit = False
             if self._hit:
@@ -1007,7 +1010,7 @@ class DistributedExecutor(cf.Executor):
                 pass  # it died: the lost-hook replaces it
             if self._initializer is not None:
                 try:
-                    remotecall_fetch(self._initializer, pid, *self._initargs)
+                    remotecall_fetch(_run_initializer, pid, self._initializer, self._initargs)
                 except ProcessExitedException:
                     continue  # it died, not its initializer: it is replaced like any other
                 except BaseException as exc:
@@ -1152,6 +1155,18 @@ def _manage(
             exe._stop_workers()
         else:
             stop()
+
+
+def _run_initializer(initializer: Callable[..., object], initargs: tuple[Any, ...]) -> None:
+    """On a worker: run the executor's initializer. A failure is logged there too, as
+    ``ProcessPoolExecutor``'s worker logs it, if the worker's logging goes somewhere (an
+    initializer may have pointed it at a queue); the caller logs it in any case."""
+    try:
+        initializer(*initargs)
+    except BaseException:
+        if _base.LOGGER.hasHandlers():
+            _base.LOGGER.critical("Exception in initializer:", exc_info=True)
+        raise
 
 
 def _take_authkey(key: bytes) -> None:

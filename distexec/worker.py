@@ -105,6 +105,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cookie-file", help="read the cookie from this file (mode 600) instead of stdin"
     )
     ap.add_argument(
+        "--authkey-from-stdin",
+        action="store_true",
+        help="read the master's multiprocessing authkey (hex) from stdin after the cookie "
+        "(local workers)",
+    )
+    ap.add_argument(
         "--parent-death",
         action="store_true",
         help="exit when the parent process dies (local workers)",
@@ -149,6 +155,7 @@ _DEFAULTS: dict[str, object] = {
     "cookie_file": None,
     "parent_death": False,
     "unix": False,
+    "authkey_from_stdin": False,
     "allow_insecure_network": False,
     "join": None,
     "tls_ca": None,
@@ -157,13 +164,18 @@ _DEFAULTS: dict[str, object] = {
     "tls_hostname": None,
     "tls_no_check_hostname": False,
 }
-_QUICK_FLAGS = {"--parent-death": "parent_death", "--unix": "unix"}
+_QUICK_FLAGS = {
+    "--parent-death": "parent_death",
+    "--unix": "unix",
+    "--authkey-from-stdin": "authkey_from_stdin",
+}
 _QUICK_VALUES = {"--bind": "bind"}
 
 
 def _quick_args(argv: list[str]) -> types.SimpleNamespace | None:
-    """The options of a command line made only of ``--bind ADDR``, ``--parent-death`` and
-    ``--unix``, each at most once, spelled out (LocalManager's), read without argparse:
+    """The options of a command line made only of ``--bind ADDR``, ``--parent-death``,
+    ``--unix`` and ``--authkey-from-stdin``, each at most once, spelled out (LocalManager's),
+    read without argparse:
     importing it and building the parser cost about 3 ms of a local worker's start. ``None``
     for any other command line, which :func:`parse_args` reads (and explains, if wrong)."""
     options = dict(_DEFAULTS)
@@ -237,6 +249,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
     else:
         cookie = sys.stdin.buffer.readline().strip()
         watch_stdin = True
+        if args.authkey_from_stdin:
+            try:
+                _config.mp_authkey = bytes.fromhex(sys.stdin.buffer.readline().strip().decode())
+            except ValueError:
+                print("distexec-worker: a bad authkey line on stdin", file=sys.stderr)
+                os._exit(2)
     if not cookie:
         print("distexec-worker: no cookie on stdin", file=sys.stderr)
         os._exit(2)

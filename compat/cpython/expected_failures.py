@@ -13,16 +13,18 @@ class per start method (``ProcessPoolForkExecutorDeadlockTest``,
 The table is applied strictly: a listed test that passes, is skipped, or no longer exists fails
 the run, so entries can only be removed. It applies to ``distexec:DistributedExecutor`` only.
 Every entry is either a deliberate difference (the failure stays with the call, the pool goes
-on; ``mp_context`` does not make forked workers) or a genuine impossibility (an object that
-pickles only through process inheritance).
+on; ``mp_context`` does not make forked workers) or a genuine impossibility (a semaphore made
+for fork, which only a forked child can share).
 
 First filled from the run at commit 3a83956 ("the executor spreads calls over its workers");
 private attributes honoured since (``_processes``, ``_mp_context``, ``_executor_manager_thread``,
 ``_call_queue``, ``_broken``), and all three variants run; workers start on demand unless the
 start method is fork, as ``ProcessPoolExecutor``'s do (the ``test_idle_process_reuse`` tests).
 Since then multiprocessing's locks, semaphores and conditions travel by the name of their
-semaphores (``test_saturation``, ``test_processes_terminate``), and reading ``_processes``
-waits for the workers being started, which ``ProcessPoolExecutor`` starts inside ``submit()``.
+semaphores, and its pipes and queues by passing their descriptors (``test_saturation``,
+``test_processes_terminate``, and ``test_initializer`` with its log queue); reading
+``_processes`` waits for the workers being started, which ``ProcessPoolExecutor`` starts inside
+``submit()``.
 """
 
 VARIANTS = ("Fork", "Forkserver", "Spawn")
@@ -30,11 +32,6 @@ VARIANTS = ("Fork", "Forkserver", "Spawn")
 _NOT_BROKEN = (
     " where the suite expects BrokenProcessPool: the failure stays with that call and the pool"
     " goes on (DESIGN.md 7)"
-)
-_INHERITED = (
-    " which pickles only while multiprocessing spawns a process (inheritance: its pipe's file"
-    " descriptors go to the child as it starts); distexec passes no descriptors to a worker"
-    " that already runs"
 )
 
 # (test as "ClassSuffix.test_name", the variants it fails in, why)
@@ -82,11 +79,11 @@ _ENTRIES: list[tuple[str, tuple[str, ...], str]] = [
     # --- objects that pickle only through process inheritance ------------------------------------
     (
         "FailingInitializerTest.test_initializer",
-        VARIANTS,
-        "initargs hold a multiprocessing Queue,"
-        + _INHERITED
-        + "; the initializer cannot be sent, so its ValueError never reaches the log queue"
-        " the test reads",
+        ("Fork",),
+        "initargs hold a multiprocessing Queue made for the fork start method: its locks are"
+        " semaphores whose names are unlinked at once, which only forked children can share."
+        " distexec refuses to send it (SerializationError), so the initializer's ValueError"
+        " never reaches the log queue the test reads",
     ),
     # --- mp_context does not make forked workers -------------------------------------------------
     (

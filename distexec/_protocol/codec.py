@@ -15,6 +15,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+from .. import _config
 from .._transport import framing
 from ..errors import SerializationError
 from . import byvalue, messages, names
@@ -119,7 +120,7 @@ def _dumps(obj: object, call: bool = False) -> tuple[bytes, list[memoryview]]:
         except (Exception, SystemExit):  # a __reduce__ that exits: user code failing to pickle
             pass  # a lambda or a closure of __main__, or something only cloudpickle can do
         else:
-            if _BY_VALUE_MARK not in body and not _by_value_modules():
+            if _BY_VALUE_MARK not in body and _PIPE_MARK not in body and not _by_value_modules():
                 return body, buffers
         buffers.clear()
     elif main is not _UNCACHED and not _by_value_modules():
@@ -131,7 +132,7 @@ def _dumps(obj: object, call: bool = False) -> tuple[bytes, list[memoryview]]:
         except (Exception, SystemExit):
             pass
         else:
-            if body.count(_BY_VALUE_MARK) == blob.count(_BY_VALUE_MARK):
+            if body.count(_BY_VALUE_MARK) == blob.count(_BY_VALUE_MARK) and _PIPE_MARK not in body:
                 return body, buffers
         buffers.clear()
     if main is not _UNCACHED and (cached := _dumps_cached(obj, keep_out_of_band)) is not None:
@@ -149,6 +150,10 @@ def _dumps(obj: object, call: bool = False) -> tuple[bytes, list[memoryview]]:
 
 
 _BY_VALUE_MARK = b"__main__"
+#: The C pickler pickles a multiprocessing Connection as its descriptor's number, which in
+#: another process is some other file: a body that names the class goes the slow way, where
+#: the connection is reduced properly (see _SyncByName).
+_PIPE_MARK = b"multiprocessing.connection"
 
 
 #: A call of a __main__ function that has no cached pickle (yet).
@@ -199,13 +204,17 @@ class _Uncached(Exception):
 
 class _SyncByName:
     """Reduces multiprocessing's locks, semaphores and conditions by the name of their
-    semaphores, which another process on this machine opens (``sem_open``).
+    semaphores, which another process on this machine opens (``sem_open``); and its pipes
+    (``Connection``) and queues by passing their file descriptors.
 
     Pickled alone they insist on process inheritance (``assert_spawning``): a multiprocessing
     child gets them as it is spawned. A worker here is no child of multiprocessing, but the
     named semaphore is the same object for any process that opens it, which is all that
     inheritance gives the spawn and forkserver start methods. One made for fork has no name
-    (its name is unlinked at once): that one is refused, with the reason.
+    (its name is unlinked at once): that one is refused, with the reason. A pipe's
+    descriptor goes through multiprocessing's resource sharer (a local socket that passes
+    descriptors to a process holding this process's multiprocessing authkey, as local
+    workers do), as multiprocessing itself sends one to a running process.
     """
 
     _table: dict[Any, Any] | None = None
@@ -228,6 +237,12 @@ class _SyncByName:
             semlocks = (sync.Lock, sync.RLock, sync.Semaphore, sync.BoundedSemaphore)
             table: dict[Any, Any] = dict.fromkeys(semlocks, _reduce_semlock)
             table[sync.Condition] = _reduce_condition
+            import multiprocessing.connection as mpc
+            import multiprocessing.queues as mpq
+
+            table[mpc.Connection] = _reduce_connection
+            for queue in (mpq.Queue, mpq.JoinableQueue, mpq.SimpleQueue):
+                table[queue] = _reduce_queue
             # Its methods (``sem.acquire`` is the C object's) pickle the C object itself.
             table[importlib.import_module("_multiprocessing").SemLock] = _reduce_c_semlock
             cls._table = table
@@ -257,6 +272,58 @@ def _reduce_c_semlock(obj: Any) -> Any:
 def _reduce_condition(obj: Any) -> Any:
     state = (obj._lock, obj._sleeping_count, obj._woken_count, obj._wait_semaphore)
     return _restore, (type(obj), state)
+
+
+def _reduce_connection(conn: Any) -> Any:
+    from multiprocessing import reduction
+
+    _config.install_mp_authkey()  # the resource sharer serves holders of this process's key
+    # Once per message however often it is pickled, and given back if the message is not.
+    dup = reduce_once(conn, lambda: reduction.DupFd(conn.fileno()), _unshare)
+    return _rebuild_connection, (dup, conn.readable, conn.writable)
+
+
+def _rebuild_connection(dup: Any, readable: bool, writable: bool) -> object:
+    """Fetch the descriptor from the sender's resource sharer (with the master's authkey:
+    local workers have it) and wrap it, as ``multiprocessing.connection`` does."""
+    from multiprocessing.connection import Connection
+
+    _config.install_mp_authkey()
+    return Connection(dup.detach(), readable, writable)
+
+
+def _unshare(dup: Any) -> None:
+    """Close a descriptor offered to the resource sharer for a message never sent."""
+    from multiprocessing import resource_sharer
+
+    sharer: Any = resource_sharer._resource_sharer  # type: ignore[attr-defined]
+    with sharer._lock:
+        entry = sharer._cache.pop(dup._id[1], None)
+    if entry is not None:
+        entry[1]()
+
+
+def _reduce_queue(queue: Any) -> Any:
+    import multiprocessing.queues
+
+    mpq: Any = multiprocessing.queues  # (typed: the attributes below are not in the stubs)
+
+    if type(queue) is mpq.SimpleQueue:
+        state: tuple[object, ...] = (queue._reader, queue._writer, queue._rlock, queue._wlock)
+    else:
+        state = (
+            queue._ignore_epipe,
+            queue._maxsize,
+            queue._reader,
+            queue._writer,
+            queue._rlock,
+            queue._wlock,
+            queue._sem,
+            queue._opid,
+        )
+        if type(queue) is mpq.JoinableQueue:
+            state += (queue._cond, queue._unfinished_tasks)
+    return _restore, (type(queue), state)
 
 
 def _restore(cls: Any, state: tuple[object, ...]) -> object:
@@ -340,7 +407,21 @@ def _describe(obj: object) -> str:
 
 def loads(body: memoryview | bytes, buffers: Sequence[memoryview] = ()) -> object:
     """Unpickle a body produced by :func:`dumps` (may run arbitrary reduce code: callers catch)."""
+    if _config.mp_authkey is not None and _mentions_multiprocessing(body):
+        # Rebuilding a Manager's proxy or a pipe asks multiprocessing for this process's
+        # authkey: a local worker takes the master's first (see _config.mp_authkey).
+        _config.install_mp_authkey()
     return pickle.loads(body, buffers=buffers)
+
+
+def _mentions_multiprocessing(body: memoryview | bytes) -> bool:
+    """Whether *body* may name something of a multiprocessing submodule (True when unsure:
+    the cost of a wrong True is one import)."""
+    whole: Any = body.obj if type(body) is memoryview else body  # bytes, bytearray or mmap
+    try:
+        return bool(whole.find(b"multiprocessing.") >= 0)
+    except (AttributeError, TypeError):
+        return True
 
 
 def encode(

@@ -81,13 +81,21 @@ class LocalManager(ClusterManager):
         bind = "127.0.0.1" if self.restrict else str(params.get("bind_addr") or "0.0.0.0")
         exename = params.get("exename")
         exeflags = tuple(params.get("exeflags") or ())
-        argv = worker_argv(exename, exeflags, "--bind", bind, "--parent-death", "--unix")
+        argv = worker_argv(
+            exename, exeflags, "--bind", bind, "--parent-death", "--unix", "--authkey-from-stdin"
+        )
         env = worker_env(
             params.get("env"), enable_threaded_blas=bool(params.get("enable_threaded_blas"))
         )
         if not self.restrict:
             env["DISTEXEC_ALLOW_INSECURE_NETWORK"] = "1"
         cookie = params["cookie"]
+        # As a multiprocessing child gets it: this process's multiprocessing authkey, so that
+        # the pipes and queues of multiprocessing (passed through its resource sharer) and a
+        # Manager's proxies work in calls. Like the cookie, on stdin.
+        import multiprocessing
+
+        authkey = bytes(multiprocessing.current_process().authkey).hex().encode()
         for _ in range(self.np):
             try:
                 proc = spawn(
@@ -102,7 +110,7 @@ class LocalManager(ClusterManager):
             except OSError as exc:
                 raise LaunchError(f"could not start {argv[0]!r}: {exc}", host="localhost") from exc
             assert proc.stdin is not None
-            proc.stdin.write(cookie + b"\n")
+            proc.stdin.write(cookie + b"\n" + authkey + b"\n")
             proc.stdin.flush()
             config = WorkerConfig(
                 io=proc.stdout,

@@ -1,15 +1,22 @@
-"""multiprocessing's locks, semaphores, conditions and events as call arguments.
+"""multiprocessing's locks, semaphores, conditions, events, pipes and queues as call arguments.
 
 Pickled alone they insist on process inheritance, but one made for the spawn or forkserver
 start method is a named POSIX semaphore that any process of the machine can open. distexec
 sends them by that name, so a worker blocks on the very semaphore the caller releases. One
 made for fork has no name left: sending it fails at once, saying why, and sends nothing.
+A pipe's descriptor goes through multiprocessing's resource sharer, which serves processes
+that hold the master's multiprocessing authkey: local workers get it, as multiprocessing's
+children do.
 """
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import multiprocessing
+import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import helpers
 import pytest
@@ -106,3 +113,108 @@ def test_a_fork_executor_starts_its_workers_even_if_the_first_call_fails() -> No
             fut.result(timeout=30)
         assert len(ex._processes) == 2
         assert ex.submit(abs, -3).result(timeout=30) == 3
+
+
+def _send(conn: object, value: object) -> str:
+    conn.send(value)  # type: ignore[attr-defined]
+    return "sent"
+
+
+def _put(queue: object, value: object) -> str:
+    queue.put(value)  # type: ignore[attr-defined]
+    return "put"
+
+
+def _a_pipe_end() -> object:
+    a, b = multiprocessing.get_context("spawn").Pipe()
+    b.send("made on the worker")
+    return a
+
+
+def _take_all(queue: object, n: int) -> list[object]:
+    out = []
+    for _ in range(n):
+        out.append(queue.get(timeout=20))  # type: ignore[attr-defined]
+        queue.task_done()  # type: ignore[attr-defined]
+    return out
+
+
+def test_a_pipe_end_crosses_both_ways(cluster: list[int]) -> None:
+    a, b = multiprocessing.Pipe()  # the default (fork) context: a pipe has no semaphore
+    assert dx.remotecall_fetch(_send, cluster[0], b, {"n": 1}) == "sent"
+    assert a.recv() == {"n": 1}  # written by the worker into our pipe
+    for i in range(3):  # the same end again, to either worker: a fresh descriptor each time
+        dx.remotecall_fetch(_send, cluster[i % 2], b, i)
+    assert [a.recv() for _ in range(3)] == [0, 1, 2]
+    mine = dx.remotecall_fetch(_a_pipe_end, cluster[1])
+    assert mine.recv() == "made on the worker"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_queues_cross_processes(cluster: list[int], method: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    q, sq = ctx.Queue(), ctx.SimpleQueue()
+    assert dx.remotecall_fetch(_put, cluster[0], q, "to the queue") == "put"
+    assert q.get(timeout=20) == "to the queue"
+    assert dx.remotecall_fetch(_put, cluster[1], sq, "to the simple queue") == "put"
+    assert sq.get() == "to the simple queue"
+    jq = ctx.JoinableQueue()
+    for i in range(3):
+        jq.put(i)
+    assert dx.remotecall_fetch(_take_all, cluster[0], jq, 3) == [0, 1, 2]
+    done = threading.Thread(target=jq.join)
+    done.start()
+    done.join(20)
+    assert not done.is_alive()  # the worker's task_done() counted here
+
+
+def test_a_message_that_fails_to_pickle_gives_its_descriptors_back() -> None:
+    from multiprocessing import resource_sharer
+
+    from distexec._protocol import codec
+
+    _a, b = multiprocessing.Pipe()
+    sharer = resource_sharer._resource_sharer  # type: ignore[attr-defined]
+    offered = len(sharer._cache)
+    with pytest.raises(dx.SerializationError):
+        codec.dumps((b, threading.Lock()))  # the lock fails after the pipe was reduced
+    assert len(sharer._cache) == offered  # the pipe's duplicate was taken back and closed
+
+
+def _log_and_fail(queue: object) -> None:
+    logger = logging.getLogger("concurrent.futures")
+    logger.addHandler(logging.handlers.QueueHandler(queue))  # type: ignore[arg-type]
+    logger.setLevel("CRITICAL")
+    logger.propagate = False
+    raise ValueError("the initializer failed")
+
+
+def test_an_initializer_logs_its_failure_on_its_worker() -> None:
+    """As ProcessPoolExecutor's worker does: an initializer that points the
+    ``concurrent.futures`` logger at a queue finds its own failure there."""
+    spawn = multiprocessing.get_context("spawn")
+    log = spawn.Queue()
+    ex = DistributedExecutor(
+        max_workers=1, mp_context=spawn, initializer=_log_and_fail, initargs=(log,)
+    )
+    try:
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(abs, -1).result(timeout=30)
+        record = log.get(timeout=20)
+        assert "ValueError: the initializer failed" in record.getMessage()
+    finally:
+        ex.shutdown(wait=True)
+
+
+def _add_to(shared: object, key: str) -> int:
+    shared[key] = 42  # type: ignore[index]
+    return len(shared)  # type: ignore[arg-type]
+
+
+def test_a_managers_proxy_works_in_a_worker(cluster: list[int]) -> None:
+    """A local worker has the master's multiprocessing authkey, as multiprocessing's
+    children do, so a Manager's proxy connects back to its manager from there."""
+    with multiprocessing.get_context("spawn").Manager() as manager:
+        shared = manager.dict()
+        assert dx.remotecall_fetch(_add_to, cluster[0], shared, "from a worker") == 1
+        assert dict(shared) == {"from a worker": 42}
