@@ -999,15 +999,9 @@ class DistributedExecutor(cf.Executor):
             for pid in pids:
                 self._register_process_locked(pid)
             self._events.notify_all()  # (for _processes)
-        # As multiprocessing gives a child it spawns: this process's authkey, so that the
-        # proxies of a multiprocessing Manager started here work in the calls (and the
-        # initializer). Our workers are local: the key does not leave this machine.
-        authkey = bytes(multiprocessing.current_process().authkey)
+        # (Local workers have this process's multiprocessing authkey, as multiprocessing's
+        # children do: LocalManager hands it over with the cookie.)
         for pid in pids:
-            try:
-                remotecall_fetch(_take_authkey, pid, authkey)
-            except Exception:
-                pass  # it died: the lost-hook replaces it
             if self._initializer is not None:
                 try:
                     remotecall_fetch(_run_initializer, pid, self._initializer, self._initargs)
@@ -1167,12 +1161,6 @@ def _run_initializer(initializer: Callable[..., object], initargs: tuple[Any, ..
         if _base.LOGGER.hasHandlers():
             _base.LOGGER.critical("Exception in initializer:", exc_info=True)
         raise
-
-
-def _take_authkey(key: bytes) -> None:
-    """On a worker: take the executor's process's multiprocessing authkey (as a spawned
-    multiprocessing child does)."""
-    multiprocessing.current_process().authkey = key
 
 
 def _notify(events: threading.Condition) -> None:
