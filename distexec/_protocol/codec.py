@@ -286,10 +286,18 @@ def _reduce_connection(conn: Any) -> Any:
 def _rebuild_connection(dup: Any, readable: bool, writable: bool) -> object:
     """Fetch the descriptor from the sender's resource sharer (with the master's authkey:
     local workers have it) and wrap it, as ``multiprocessing.connection`` does."""
+    from multiprocessing import AuthenticationError
     from multiprocessing.connection import Connection
 
     _config.install_mp_authkey()
-    return Connection(dup.detach(), readable, writable)
+    try:
+        fd = dup.detach()
+    except AuthenticationError:
+        raise RuntimeError(
+            "a multiprocessing pipe or queue reaches only local workers (LocalManager's, "
+            "which hold the master's multiprocessing authkey); this process does not"
+        ) from None
+    return Connection(fd, readable, writable)
 
 
 def _unshare(dup: Any) -> None:

@@ -218,3 +218,27 @@ def test_a_managers_proxy_works_in_a_worker(cluster: list[int]) -> None:
         shared = manager.dict()
         assert dx.remotecall_fetch(_add_to, cluster[0], shared, "from a worker") == 1
         assert dict(shared) == {"from a worker": 42}
+
+
+def _forget_the_authkey() -> None:
+    import os
+
+    from distexec import _config
+
+    _config.mp_authkey = None
+    multiprocessing.current_process().authkey = os.urandom(32)
+
+
+def test_a_pipe_for_a_worker_without_the_authkey_fails_saying_why(
+    no_leaked_workers: None,
+) -> None:
+    """As a worker on another host: it cannot fetch the descriptor, and says why."""
+    (w,) = dx.addprocs(1)
+    try:
+        dx.remotecall_fetch(_forget_the_authkey, w)
+        _a, b = multiprocessing.Pipe()
+        with pytest.raises(dx.RemoteException, match="reaches only local workers"):
+            dx.remotecall_fetch(_send, w, b, 1)
+        assert dx.remotecall_fetch(helpers.identity, w, "still serving") == "still serving"
+    finally:
+        dx.rmprocs(w)
