@@ -175,9 +175,9 @@ _QUICK_VALUES = {"--bind": "bind"}
 def _quick_args(argv: list[str]) -> types.SimpleNamespace | None:
     """The options of a command line made only of ``--bind ADDR``, ``--parent-death``,
     ``--unix`` and ``--authkey-from-stdin``, each at most once, spelled out (LocalManager's),
-    read without argparse:
-    importing it and building the parser cost about 3 ms of a local worker's start. ``None``
-    for any other command line, which :func:`parse_args` reads (and explains, if wrong)."""
+    read without argparse: importing it and building the parser cost about 3 ms of a local
+    worker's start. ``None`` for any other command line, which :func:`parse_args` reads (and
+    explains, if wrong)."""
     options = dict(_DEFAULTS)
     seen: set[str] = set()
     i = 0

@@ -152,7 +152,7 @@ def _dumps(obj: object, call: bool = False) -> tuple[bytes, list[memoryview]]:
 _BY_VALUE_MARK = b"__main__"
 #: The C pickler pickles a multiprocessing Connection as its descriptor's number, which in
 #: another process is some other file: a body that names the class goes the slow way, where
-#: the connection is reduced properly (see _SyncByName).
+#: the connection is reduced properly (see _MPReducers).
 _PIPE_MARK = b"multiprocessing.connection"
 
 
@@ -202,7 +202,7 @@ class _Uncached(Exception):
     """A function of ``__main__`` has no cached pickle (yet): cloudpickle the message."""
 
 
-class _SyncByName:
+class _MPReducers:
     """Reduces multiprocessing's locks, semaphores and conditions by the name of their
     semaphores, which another process on this machine opens (``sem_open``); and its pipes
     (``Connection``) and queues by passing their file descriptors.
@@ -285,11 +285,11 @@ def _reduce_connection(conn: Any) -> Any:
 
 def _rebuild_connection(dup: Any, readable: bool, writable: bool) -> object:
     """Fetch the descriptor from the sender's resource sharer (with the master's authkey:
-    local workers have it) and wrap it, as ``multiprocessing.connection`` does."""
+    local workers have it, installed by :func:`loads`) and wrap it, as
+    ``multiprocessing.connection`` does."""
     from multiprocessing import AuthenticationError
     from multiprocessing.connection import Connection
 
-    _config.install_mp_authkey()
     try:
         fd = dup.detach()
     except AuthenticationError:
@@ -355,7 +355,7 @@ def _cloud_pickler() -> type:
 
         class CloudPickler(cloudpickle.CloudPickler):  # type: ignore[misc]
             # (a class attribute, as cloudpickle's own: the C pickler reads it at __init__)
-            dispatch_table: ClassVar[Any] = collections.ChainMap(_SyncByName.table(), base)
+            dispatch_table: ClassVar[Any] = collections.ChainMap(_MPReducers.table(), base)
 
         _CloudPickler = CloudPickler
     return _CloudPickler
@@ -368,7 +368,7 @@ class _CachedPickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], bool]):
         super().__init__(file, 5, buffer_callback=buffer_callback)
         self.blobs: list[bytes] = []
-        self.dispatch_table = _SyncByName.with_copyreg()
+        self.dispatch_table = _MPReducers.with_copyreg()
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is types.FunctionType:

@@ -384,7 +384,7 @@ class FrameReader:
         A blocked reader whose CPU goes idle is woken slowly on a small VM (tens of us: the
         idle vCPU halts). When the next message is due within microseconds, polling keeps
         the CPU awake and catches it at once. Polls that see nothing make the next ones be
-        skipped (1, 2, 4, ... up to 64 of them), so a peer that is slow to answer costs
+        skipped (2, 4, ... up to 64 of them), so a peer that is slow to answer costs
         little. Only a plain socket is polled; for other streams this returns False.
         """
         if self._end > self._start:
