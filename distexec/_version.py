@@ -5,4 +5,4 @@ Layer: L0 leaf. Imports: nothing.
 
 __version__ = "0.1.0"
 # Bumped whenever a frame or message layout changes; peers with another value refuse to talk.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3

@@ -5,7 +5,6 @@ Layer: L1 transport. Imports: stdlib, distexec.errors, framing, handshake, integ
 
 from __future__ import annotations
 
-import hmac
 import socket
 import threading
 import time
@@ -82,7 +81,7 @@ class Connection:
         self._first_cap = cap + framing.HEADER_SIZE
         self._send_seq = 1
         self._send_key = b""
-        self._send_mac: hmac.HMAC | None = None
+        self._send_mac: integrity.Keyed | None = None
         self.integrity = mac_keys is not None
         if mac_keys is not None:
             send_key, recv_key = mac_keys
@@ -127,8 +126,11 @@ class Connection:
             seq = self._send_seq
             mac = self._send_mac
             assert mac is not None
-            size = sum(memoryview(p).nbytes for p in parts)
-            framing.send_sealed(self.sock, parts, seq, mac, size)
+            if len(parts) == 1 and (size := len(parts[0])) <= integrity.SMALL_MAX:
+                self.sock.sendall(framing.seal_one(parts[0], seq, mac))  # the usual message
+            else:
+                size = sum(memoryview(p).nbytes for p in parts)
+                framing.send_sealed(self.sock, parts, seq, mac, size)
             seq += 1
             self._send_seq = seq
             if not seq & integrity.SEQ_MASK:  # a new 2**32 epoch: a new key
@@ -147,13 +149,12 @@ class Connection:
         link also: a bad or missing MAC, a replayed or lost message), before it is unpickled.
         """
         frame = self._reader.read()
-        self.bytes_received += (
-            framing.HEADER_SIZE
-            + 8 * len(frame.buffers)
-            + frame.body.nbytes
-            + sum(b.nbytes for b in frame.buffers)
-            + (integrity.MAC_SIZE if frame.flags & framing.FLAG_MAC else 0)
-        )
+        size = framing.HEADER_SIZE + frame.body.nbytes
+        if frame.buffers:
+            size += sum(8 + b.nbytes for b in frame.buffers)
+        if frame.flags & framing.FLAG_MAC:
+            size += integrity.MAC_SIZE
+        self.bytes_received += size
         return frame
 
     def read_if_small(self) -> Frame | None:

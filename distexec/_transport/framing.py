@@ -11,8 +11,8 @@ A message on the wire::
     [mac]    32 bytes            only when flags & FLAG_MAC
 
 On a link that negotiated per-frame integrity (see :mod:`integrity`) every message has
-``FLAG_MAC``, ``seq`` counts that direction's messages from 1, and the MAC is
-``HMAC-SHA256(direction key, header ‖ lengths ‖ body ‖ buffers)``. :func:`pack` leaves
+``FLAG_MAC``, ``seq`` counts that direction's messages from 1, and the MAC (which one:
+:mod:`integrity`) covers ``header ‖ lengths ‖ body ‖ buffers``. :func:`pack` leaves
 ``seq`` 0 and the flag clear; :func:`seal` stamps both in (under the connection's send lock,
 where the order of messages is decided) and appends the MAC. Every announced length is
 checked against the cap before a byte is allocated, and a MAC is checked before the
@@ -32,9 +32,11 @@ from typing import Protocol
 
 from .. import _config
 from ..errors import FrameTooLargeError, ProtocolError
-from .integrity import MAC_SIZE, SEQ_MASK, keyed
+from .integrity import MAC_SIZE, SEQ_MASK, SMALL_MAX, Keyed, keyed
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+Buffer = bytes | bytearray | memoryview  # what may be written
 
 HEADER = struct.Struct("!BBHIQQQ")
 HEADER_SIZE = HEADER.size  # 32
@@ -47,8 +49,6 @@ _LEN = struct.Struct("!Q")
 _FLAGS_AT = 1
 _SEQ = struct.Struct("!I")
 _SEQ_AT = 4
-#: A sealed message whose first part is at most this big is sent as one joined ``bytes``.
-_JOIN_MAX = 64 * 1024
 #: Sealed messages bigger than this are hashed piece by piece as they are written (and read),
 #: so that the receiver's check runs while the sender's goes on, and each piece is hashed
 #: while it is still in the cache.
@@ -60,7 +60,7 @@ _STAGING = 1 << 18
 
 
 class FrameSocket(Protocol):
-    def sendall(self, data: bytes | memoryview, /) -> None: ...
+    def sendall(self, data: bytes | bytearray | memoryview, /) -> None: ...
     def sendmsg(self, buffers: Sequence[bytes | memoryview], /) -> int: ...
     def recv_into(self, buf: memoryview, nbytes: int = 0, /) -> int: ...
 
@@ -115,7 +115,7 @@ def flagged(parts: list[bytes | memoryview], flags: int) -> list[bytes | memoryv
     return [bytes(first), *parts[1:]]
 
 
-def send_parts(sock: FrameSocket, parts: Sequence[bytes | memoryview]) -> None:
+def send_parts(sock: FrameSocket, parts: Sequence[Buffer]) -> None:
     """Write all *parts* in order, gathering them into as few system calls as possible."""
     if len(parts) == 1:
         sock.sendall(parts[0])
@@ -135,25 +135,36 @@ def send_parts(sock: FrameSocket, parts: Sequence[bytes | memoryview]) -> None:
             views.pop(0)
 
 
-def seal(parts: Sequence[bytes | memoryview], seq: int, mac: hmac.HMAC) -> list[bytes | memoryview]:
+def seal(parts: Sequence[bytes | memoryview], seq: int, mac: Keyed) -> list[Buffer]:
     """A packed message (from :func:`pack`) with *seq* (its low 32 bits) and ``FLAG_MAC`` in
-    its header and its MAC appended. *mac* is the direction's keyed HMAC, copied here.
+    its header and its MAC appended. *mac* holds the direction's keyed MACs.
 
-    Nothing of the body or the buffers is copied, except that a small first part is joined
-    with the new header and the MAC into one ``bytes`` (one ``sendall``).
+    Nothing of the body or the buffers is copied, except that a small first part is copied
+    once with the new header and the MAC appended (one ``sendall``).
     """
+    if len(parts) == 1 and len(parts[0]) <= SMALL_MAX:
+        return [seal_one(parts[0], seq, mac)]
     first = memoryview(parts[0]).cast("B")
     head = _sealed_header(first, seq)
     rest = first[HEADER_SIZE:]
-    h = mac.copy()
+    h = mac.large.copy()
     h.update(head)
     h.update(rest)
     for buf in parts[1:]:
         h.update(buf)
-    digest = h.digest()
-    if len(parts) == 1 and rest.nbytes <= _JOIN_MAX:
-        return [b"".join((head, rest, digest))]
-    return [bytes(head), rest, *parts[1:], digest]
+    return [bytes(head), rest, *parts[1:], h.digest()]
+
+
+def seal_one(message: bytes | memoryview, seq: int, mac: Keyed) -> bytearray:
+    """:func:`seal` for a one-part message of at most ``SMALL_MAX`` bytes (most are):
+    copied once, with the MAC appended, for one ``sendall``."""
+    whole = bytearray(message)
+    whole[_FLAGS_AT] |= FLAG_MAC
+    _SEQ.pack_into(whole, _SEQ_AT, seq & SEQ_MASK)
+    h = mac.small.copy()
+    h.update(whole)
+    whole += h.digest()
+    return whole
 
 
 def _sealed_header(first: memoryview, seq: int) -> bytearray:
@@ -164,7 +175,7 @@ def _sealed_header(first: memoryview, seq: int) -> bytearray:
 
 
 def send_sealed(
-    sock: FrameSocket, parts: Sequence[bytes | memoryview], seq: int, mac: hmac.HMAC, size: int
+    sock: FrameSocket, parts: Sequence[bytes | memoryview], seq: int, mac: Keyed, size: int
 ) -> None:
     """:func:`seal` *parts* (*size* bytes) and write them. A large message is hashed and
     written in steps, the MAC last, so the peer hashes what arrived while this side hashes
@@ -174,7 +185,7 @@ def send_sealed(
         return
     first = memoryview(parts[0]).cast("B")
     head = _sealed_header(first, seq)
-    h = mac.copy()
+    h = mac.large.copy()
     h.update(head)
     batch: list[bytes | memoryview] = [bytes(head)]
     pending = HEADER_SIZE
@@ -247,7 +258,7 @@ class FrameReader:
         self._start = 0
         self._end = 0
         self._max = _config.MAX_FRAME_BYTES if max_frame is None else max_frame
-        self._mac: hmac.HMAC | None = None  # set: the link negotiated per-frame integrity
+        self._mac: Keyed | None = None  # set: the link negotiated per-frame integrity
         self._mac_key = b""
         self._seq = 1  # the (64-bit) number of the next message expected
         self._peer = "peer"
@@ -425,7 +436,7 @@ class FrameReader:
         self._fill(size)
         return self.read()  # all of it is staged: this no longer blocks
 
-    def _read_sealed(self, mac: hmac.HMAC) -> Frame:
+    def _read_sealed(self, mac: Keyed) -> Frame:
         """:meth:`read` on an integrity link: everything read goes through the MAC, which is
         checked (``compare_digest``) before the message leaves here; then its ``seq``."""
         expected = self._seq
@@ -437,20 +448,23 @@ class FrameReader:
                 f"frame {expected} from {self._peer} carries no MAC on a link that negotiated "
                 "per-frame integrity"
             )
-        self._check_header(nbufs, body_len)
-        h = mac.copy()
         end = HEADER_SIZE + body_len
-        if not nbufs and end + MAC_SIZE <= _MAC_STEP:
+        if not nbufs and end <= SMALL_MAX and body_len <= self._max:
             # The common small message: hashed in one piece in the staging buffer.
-            self._fill(end + MAC_SIZE)
-            start = self._start
+            stop = end + MAC_SIZE
+            if self._end - start < stop:
+                self._fill(stop)
+                start = self._start
             view = self._view
-            h.update(view[start : start + end])
+            small = mac.small.copy()
+            small.update(view[start : start + end])
+            ok = hmac.compare_digest(small.digest(), view[start + end : start + stop])
             body = memoryview(bytes(view[start + HEADER_SIZE : start + end]))
             buffers: list[memoryview] = []
-            ok = hmac.compare_digest(h.digest(), view[start + end : start + end + MAC_SIZE])
-            self._start = start + end + MAC_SIZE
+            self._start = start + stop
         else:
+            self._check_header(nbufs, body_len)
+            h = mac.large.copy()
             h.update(self._view[start : start + HEADER_SIZE])
             self._start += HEADER_SIZE
             lens: tuple[int, ...] = ()

@@ -4,10 +4,21 @@ Layer: L1 transport. Imports: stdlib, distexec.errors.
 
 After the handshake both sides hold ``session_key = HMAC(cookie, "distexec-session" ‖ ni ‖ nr)``.
 On a link that negotiated integrity every frame carries ``FLAG_MAC``, a ``seq`` counting
-that direction's frames from 1, and ``HMAC-SHA256(direction key, header ‖ lengths ‖ body ‖
-buffers)`` as its last 32 bytes (see :mod:`framing`). Each direction has its own key, so a
-frame cannot be reflected back to its sender; the receiver checks the MAC before anything
-is unpickled, and then that ``seq`` is the next one (no replay, no gap).
+that direction's frames from 1, and a 32-byte MAC of ``header ‖ lengths ‖ body ‖ buffers`` as
+its last bytes (see :mod:`framing`). Each direction has its own key, so a frame cannot be
+reflected back to its sender; the receiver checks the MAC before anything is unpickled, and
+then that ``seq`` is the next one (no replay, no gap).
+
+Which MAC depends on the frame, as its header says (both sides decide alike, and the header
+is covered):
+
+- a frame without buffers of at most ``SMALL_MAX`` bytes (most calls and answers): keyed
+  BLAKE2b-256 (RFC 7693; keyed BLAKE2b is a MAC by design) under a key derived for it, with
+  ``person="distexec-frame"``. It costs one compression per block and a plain copy of its
+  state: 0.36 us for a 200-byte frame here, against 0.9 us for HMAC-SHA256, and a lone call
+  pays four of them.
+- any other frame: HMAC-SHA256 under the direction key. With SHA-NI it hashes bulk at
+  2.1 GB/s against BLAKE2b's 1.4 GB/s here.
 
 The policy (``DISTEXEC_INTEGRITY``, read at each connection)::
 
@@ -32,11 +43,14 @@ import hmac
 import ipaddress
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import _config
 
 MAC_SIZE = 32
+_PERSON = b"distexec-frame"  # BLAKE2b's personalization: these MACs are frame MACs only
+#: Frames without buffers up to this size (header included) take the BLAKE2b MAC.
+SMALL_MAX = 64 * 1024
 #: The header's ``seq`` field is 32 bits; each 2**32 frames of a direction use a fresh key.
 SEQ_MASK = 0xFFFFFFFF
 
@@ -103,10 +117,21 @@ def direction_keys(key: bytes, *, initiator: bool) -> tuple[bytes, bytes]:
     return (i2r, r2i) if initiator else (r2i, i2r)
 
 
-def keyed(key: bytes, counter: int) -> hmac.HMAC:
-    """A keyed HMAC-SHA256 to ``copy()`` for each frame whose 64-bit *counter* is in the
-    same 2**32 epoch (the header carries the low 32 bits; the epoch is in the key)."""
+class Keyed(NamedTuple):
+    """One direction's keyed MACs; each frame's is computed on a ``copy()`` of one of them."""
+
+    small: hashlib.blake2b  # frames without buffers of at most SMALL_MAX bytes
+    large: hmac.HMAC  # every other frame
+
+
+def keyed(key: bytes, counter: int) -> Keyed:
+    """The keyed MACs for the frames whose 64-bit *counter* is in the same 2**32 epoch (the
+    header carries the low 32 bits; the epoch is in the key)."""
     epoch = counter >> 32
     if epoch:
         key = hmac.new(key, b"epoch" + epoch.to_bytes(8, "big"), hashlib.sha256).digest()
-    return hmac.new(key, digestmod="sha256")
+    small_key = hmac.new(key, b"distexec-frames blake2b", hashlib.sha256).digest()
+    return Keyed(
+        hashlib.blake2b(key=small_key, digest_size=MAC_SIZE, person=_PERSON),
+        hmac.new(key, digestmod="sha256"),
+    )

@@ -8,6 +8,7 @@ records it if it is ever unpickled, so "refused before unpickling" is observed, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -219,19 +220,53 @@ def test_round_trip_with_mac_and_out_of_band_buffers(
     assert ca.bytes_sent == cb.bytes_received and cb.bytes_sent == ca.bytes_received
 
 
+def _expected_mac(direction_key: bytes, data: bytes, small: bool) -> bytes:
+    """A frame's MAC computed here from its definition (see ``integrity``)."""
+    if not small:
+        return hmac.new(direction_key, data, "sha256").digest()
+    key = hmac.new(direction_key, b"distexec-frames blake2b", "sha256").digest()
+    return hashlib.blake2b(data, key=key, digest_size=32, person=b"distexec-frame").digest()
+
+
+@pytest.mark.parametrize(
+    ("body_size", "nbufs", "small"),
+    [
+        (150, 0, True),
+        (integrity.SMALL_MAX - framing.HEADER_SIZE, 0, True),  # the largest small frame
+        (integrity.SMALL_MAX - framing.HEADER_SIZE + 1, 0, False),
+        (300_000, 0, False),  # hashed and written in steps
+        (None, 1, False),  # a frame with a buffer, however small
+    ],
+    ids=["small", "small-max", "just-over", "large", "with-buffer"],
+)
 def test_the_wire_is_the_plain_frame_plus_flag_seq_and_mac(
-    pair: tuple[Connection, Connection],
+    pair: tuple[Connection, Connection], body_size: int | None, nbufs: int, small: bool
 ) -> None:
     ca, cb = pair
-    parts = _probe()
+    parts = _probe() if body_size is None else framing.pack(1, 7, 0, b"x" * body_size)
     data = _capture(ca, cb, parts)
     plain = b"".join(bytes(memoryview(p)) for p in parts)
     assert len(data) == len(plain) + 32
-    _, flags, nbufs, seq, *_ = framing.HEADER.unpack_from(data)
-    assert (flags, seq, nbufs) == (framing.FLAG_MAC, 1, 1)
+    _, flags, got_nbufs, seq, *_ = framing.HEADER.unpack_from(data)
+    assert (flags, seq, got_nbufs) == (framing.FLAG_MAC, 1, nbufs)
     assert data[framing.HEADER_SIZE : -32] == plain[framing.HEADER_SIZE :]
     key, _ = integrity.direction_keys(ca.session_key, initiator=True)
-    assert hmac.compare_digest(data[-32:], hmac.new(key, data[:-32], "sha256").digest())
+    assert hmac.compare_digest(data[-32:], _expected_mac(key, data[:-32], small))
+    assert not hmac.compare_digest(data[-32:], _expected_mac(key, data[:-32], not small))
+
+
+@pytest.mark.parametrize("size", [100, integrity.SMALL_MAX - 40, integrity.SMALL_MAX + 40])
+def test_frames_either_side_of_the_small_limit_arrive(
+    pair: tuple[Connection, Connection], size: int
+) -> None:
+    ca, cb = pair
+    for n in range(3):  # and their sequence numbers keep counting across the two kinds
+        body = bytes([n]) * (size - framing.HEADER_SIZE + n)
+        parts = framing.pack(1, n, 0, body)
+        t = _in_thread(functools.partial(ca.send, parts))
+        got = cb.read()
+        t.join(10)
+        assert (got.response_id, bytes(got.body), got.seq) == (n, body, n + 1)
 
 
 # --------------------------------------------------------------------------- tampering
