@@ -181,10 +181,15 @@ class Connection:
 
     def idle_fd(self) -> int | None:
         """The descriptor whose readability means a message is coming, or None when the
-        stream may hold bytes the kernel does not see (TLS records, custom streams)."""
-        if type(self.sock) is not socket.socket or self._closed:
+        stream holds bytes the kernel does not see (a TLS record read but not yet taken) or
+        may (custom streams)."""
+        if self._closed:
             return None
-        return self.sock.fileno()
+        sock = self.sock
+        if type(sock) is socket.socket:
+            return sock.fileno()
+        above = getattr(sock, "idle_fd", None)  # a TLS stream knows what it holds
+        return above() if above is not None else None
 
     def close(self) -> None:
         """Shut the link down in both directions; the reader then sees EOF. Idempotent."""

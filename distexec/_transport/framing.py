@@ -396,15 +396,30 @@ class FrameReader:
         idle vCPU halts). When the next message is due within microseconds, polling keeps
         the CPU awake and catches it at once. Polls that see nothing make the next ones be
         skipped (2, 4, ... up to 64 of them), so a peer that is slow to answer costs
-        little. Only a plain socket is polled; for other streams this returns False.
+        little. A plain socket is polled here, a TLS stream by its ``watch``; for other
+        streams this returns False.
         """
         if self._end > self._start:
             return True
-        sock = self._sock
-        if self._skip or type(sock) is not socket.socket or not _DONTWAIT:
-            if self._skip:
-                self._skip -= 1
+        if self._skip:
+            self._skip -= 1
             return False
+        sock = self._sock
+        if type(sock) is socket.socket:
+            caught = _DONTWAIT != 0 and self._poll_socket(sock, seconds)
+        else:
+            watch = getattr(sock, "watch", None)  # a TLS stream watches its own socket
+            if watch is None:
+                return False
+            caught = watch(seconds)
+        if caught:
+            self._misses = 0
+        else:
+            self._misses = misses = min(self._misses + 1, 6)
+            self._skip = 1 << misses
+        return caught
+
+    def _poll_socket(self, sock: socket.socket, seconds: float) -> bool:
         self._start = self._end = 0  # nothing is staged: receive at the front
         view = self._view
         deadline = _clock() + seconds
@@ -414,11 +429,8 @@ class FrameReader:
             except (BlockingIOError, InterruptedError):
                 if _clock() < deadline:
                     continue
-                self._misses = misses = min(self._misses + 1, 6)
-                self._skip = 1 << misses
                 return False
             self._end = got
-            self._misses = 0
             return True
 
     def read_if_small(self) -> Frame | None:

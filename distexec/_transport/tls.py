@@ -22,6 +22,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ..errors import AuthenticationError, ProtocolError
 __all__ = ["TLSConfig", "TLSListener", "TLSStream", "describe_ssl_error"]
 
 _CHUNK = 1 << 17  # plaintext bytes per TLS write (8 records) and per socket read
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _ENV = "DISTEXEC_TLS_"
 
 #: What an OpenSSL alert or error means for a distexec link, in words.
@@ -245,6 +247,7 @@ class TLSStream:
         self._handshaken = False
         self._label = label
         self.family = sock.family
+        self._raw_view = memoryview(bytearray(_CHUNK))  # the reader's: socket -> _in
 
     # ------------------------------------------------------------------ socket surface
 
@@ -344,36 +347,83 @@ class TLSStream:
         if n == 0:
             return 0
         while True:
+            got: int | None = None
+            mine = False
             with self._ssl_lock:
-                try:
-                    got: int | None = cast(int, self._obj.read(n, buf))  # into buf
-                except ssl.SSLWantReadError:
-                    got = None
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return 0  # close_notify, or EOF without it: both are the end
-                except ssl.SSLError as exc:
-                    raise self._fail(exc) from exc
-                out = self._out.read() if self._out.pending else b""
-                # Post-handshake messages may need an answer. The reader never waits for
-                # a busy writer (that writer may be waiting for our peer to read): it
-                # queues the bytes behind it, and the writer sends them before it lets go.
-                mine = bool(out) and self._order_lock.acquire(blocking=False)
-                if out and not mine:
-                    self._deferred.append(out)
+                if self._in.pending or self._in.eof or self._obj.pending():
+                    try:
+                        got = cast(int, self._obj.read(n, buf))  # into buf
+                    except ssl.SSLWantReadError:
+                        pass  # part of a record, or one with no data for us
+                    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        return 0  # close_notify, or EOF without it: both are the end
+                    except ssl.SSLError as exc:
+                        raise self._fail(exc) from exc
+                    out = self._out.read() if self._out.pending else b""
+                    # Post-handshake messages may need an answer. The reader never waits
+                    # for a busy writer (that writer may be waiting for our peer to read):
+                    # it queues the bytes behind it, and the writer sends them before it
+                    # lets go.
+                    mine = bool(out) and self._order_lock.acquire(blocking=False)
+                    if out and not mine:
+                        self._deferred.append(out)
             if mine:
                 self._write_out(out)
             if got is not None:
                 return got
-            data = self._raw.recv(_CHUNK)
-            with self._ssl_lock:
-                if data:
-                    self._in.write(data)
-                else:
-                    self._in.write_eof()
+            self._take_raw(self._raw.recv_into(self._raw_view))
+
+    def _take_raw(self, got: int) -> None:
+        """Hand *got* bytes just read into the raw buffer to TLS (0: the peer closed)."""
+        with self._ssl_lock:
+            if got:
+                self._in.write(self._raw_view[:got])
+            else:
+                self._in.write_eof()
+
+    def watch(self, seconds: float) -> bool:
+        """Watch the socket for up to *seconds* without sleeping (see ``FrameReader.poll``);
+        True once bytes of the next record are here, or the peer closed. Reader only."""
+        if not self._handshaken:
+            return False
+        with self._ssl_lock:
+            if self._in.pending or self._in.eof or self._obj.pending():
+                return True
+        raw, view = self._raw, self._raw_view
+        deadline = time.perf_counter() + seconds
+        while True:
+            try:
+                got = raw.recv_into(view, 0, _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                if time.perf_counter() < deadline:
+                    continue
+                return False
+            self._take_raw(got)
+            return True
+
+    def idle_fd(self) -> int | None:
+        """The socket's descriptor if nothing is held above it (so that its readability
+        means a record is coming), else None. Reader only: nobody else moves bytes up."""
+        if not self._handshaken:
+            return None
+        with self._ssl_lock:
+            if self._in.pending or self._in.eof or self._obj.pending():
+                return None
+        return self._raw.fileno()
 
     # ------------------------------------------------------------------ writing
 
     def sendall(self, data: bytes | bytearray | memoryview, /) -> None:
+        if self._handshaken and type(data) in (bytes, bytearray) and len(data) <= _CHUNK:
+            with self._ssl_lock:  # the usual small message: one write, as _send_views does
+                try:
+                    self._obj.write(data)
+                except ssl.SSLError as exc:
+                    raise self._fail(exc) from exc
+                out = self._out.read()
+                self._order_lock.acquire()
+            self._write_out(out)
+            return
         self._send_views(deque([memoryview(data).cast("B")]))
 
     def sendmsg(self, buffers: Sequence[bytes | bytearray | memoryview], /) -> int:

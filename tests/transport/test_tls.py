@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import cloudpickle
+import helpers
 import psutil
 import pytest
 from tlscerts import Certs
@@ -28,6 +31,7 @@ import distexec as dx
 from distexec import _cluster
 from distexec._protocol import codec
 from distexec._transport import connection as _conn
+from distexec._transport import framing
 from distexec._transport.tls import TLSListener, TLSStream
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaked_workers")]
@@ -308,8 +312,6 @@ def test_tls_listener_hands_out_streams_that_handshake_lazily(certs: Certs) -> N
     stream, _ = listener.accept()
     assert stream.version() is None  # nothing happened yet
     other = TLSStream(client, cfg.client_context(), server_side=False, server_hostname="127.0.0.1")
-    import threading
-
     t = threading.Thread(target=other.sendall, args=(b"x" * 100_000,))
     t.start()
     buf = bytearray(100_000)
@@ -322,6 +324,98 @@ def test_tls_listener_hands_out_streams_that_handshake_lazily(certs: Certs) -> N
     assert stream.recv_into(bytearray(10)) == 0  # EOF without close_notify is EOF
     for s in (stream, other, listener):
         s.close()
+
+
+def _tls_pair(certs: Certs) -> tuple[TLSStream, TLSStream]:
+    """A handshaken client and server stream over a loopback TCP connection."""
+    cfg = certs.config()
+    server = socket.create_server(("127.0.0.1", 0))
+    client_sock = socket.create_connection(server.getsockname())
+    server_sock, _ = server.accept()
+    server.close()
+    a = TLSStream(client_sock, cfg.client_context(), server_side=False, server_hostname="127.0.0.1")
+    b = TLSStream(server_sock, cfg.server_context(), server_side=True)
+    t = threading.Thread(target=b.do_handshake)
+    t.start()
+    a.do_handshake()
+    t.join(10)
+    return a, b
+
+
+def _message(body: bytes) -> bytes:
+    (part,) = framing.pack(2, 7, 0, body)
+    return bytes(part)
+
+
+def test_a_tls_stream_is_polled_and_loses_nothing(certs: Certs) -> None:
+    """``FrameReader.poll`` watches a TLS stream's socket as it does a plain one's: it sees
+    a record coming, gives up on silence, and a record it pulled in is read whole."""
+    a, b = _tls_pair(certs)
+    reader = framing.FrameReader(b)
+    try:
+        b.watch(0.001)  # takes in the server's session tickets, if any, before the check
+        assert b.idle_fd() == b.fileno()  # nothing held above the socket
+        assert reader.poll(0.02) is False
+        for _ in range(2):  # the backoff after that miss
+            reader.poll(0.02)
+        sender = threading.Timer(0.005, a.sendall, (_message(b"hello"),))
+        sender.start()
+        started = time.monotonic()
+        assert reader.poll(10.0) is True
+        assert time.monotonic() - started < 5.0  # when the record came, not at 10 s
+        sender.join()
+        # Two messages in one go: the poll pulls bytes into TLS, above the socket, so the
+        # socket alone no longer tells whether a message waits.
+        a.sendall(_message(b"one") + _message(b"two"))
+        assert reader.poll(10.0) is True
+        assert bytes(reader.read().body) == b"hello"
+        assert bytes(reader.read().body) == b"one"
+        assert reader.buffered or b.idle_fd() is None  # "two" is here, above the socket
+        assert reader.poll(0.0) is True
+        assert bytes(reader.read().body) == b"two"
+        a.shutdown(socket.SHUT_RDWR)  # the peer goes: the poll ends, the read says so
+        assert reader.poll(10.0) is True
+        with pytest.raises(EOFError):
+            reader.read()
+    finally:
+        a.close()
+        b.close()
+
+
+def _reading(pid: int) -> int:
+    peer = _cluster.group().peer(pid)
+    assert peer is not None and peer.conn is not None
+    return peer.conn.reading
+
+
+def test_a_caller_reads_its_own_reply_over_tls(certs: Certs) -> None:
+    """A quiet TLS link is watched like a plain one, so a blocking caller reads its own reply
+    instead of waiting for a reader thread to hand it over; an interrupt in the middle of
+    that read leaves the link whole; a worker killed while its link is quiet is noticed."""
+    [w] = dx.addprocs(1, tls=certs.config())
+    for i in range(50):
+        assert dx.remotecall_fetch(helpers.identity, w, i) == i
+    helpers.wait_until(lambda: _reading(w) == _cluster._IDLE, what="a quiet link")
+    main = threading.get_ident()
+
+    def interrupt() -> None:
+        helpers.wait_until(lambda: _reading(w) == _cluster._CALLER, what="the caller reading")
+        time.sleep(0.05)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    with pytest.raises(KeyboardInterrupt):
+        dx.remotecall_fetch(time.sleep, w, 1.0)
+    t.join(10)
+    for size in (10, 300_000, 10, 3_000_000, 10):  # large replies go to a reader thread
+        data = os.urandom(size)
+        assert dx.remotecall_fetch(helpers.identity, w, data) == data
+    for i in range(20):
+        assert dx.remotecall_fetch(helpers.identity, w, ("after", i)) == ("after", i)
+    helpers.wait_until(lambda: _reading(w) == _cluster._IDLE, what="a quiet link again")
+    os.kill(dx.remotecall_fetch(os.getpid, w), signal.SIGKILL)
+    helpers.wait_until(lambda: w not in dx.workers(), what="the loss to be noticed")
 
 
 # --------------------------------------------------------------------------------------
