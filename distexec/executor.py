@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import heapq
 import itertools
 import multiprocessing
@@ -46,6 +47,7 @@ import os
 import subprocess
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import _base
@@ -74,11 +76,19 @@ _SPIN = _config.SPIN_SECONDS
 
 #: Calls in flight per worker, so a worker never waits for its next task ...
 _DEPTH = 2
-#: ... and while calls take less than _SHORT_CALL seconds each (measured): one call's round
-#: trip then costs more than the call, and more in flight keep the worker busy. A worker
-#: that finishes last is then late by at most (_DEEP - 1) short calls.
+#: ... and for a function whose calls take less than _SHORT_CALL seconds each (measured):
+#: one call's round trip then costs more than the call, and more in flight keep the worker
+#: busy. A worker that finishes last is then late by at most (_DEEP - 1) short calls. Each
+#: function is measured on its own, so long calls submitted after many short ones are not
+#: sent four at a time (a worker lost then takes four with it, and the others go idle while
+#: it works through them).
 _DEEP = 4
 _SHORT_CALL = 0.0005
+#: A sample is capped at this (one pause must not count as long calls) and a function not
+#: measured yet starts there: about ten short calls make it short.
+_LONG_CALL = 4 * _SHORT_CALL
+#: How many functions' durations are remembered (the oldest are forgotten).
+_KINDS = 256
 #: A future's states that mean cancelled (read without its lock: the hot path takes none,
 #: and a cancel racing with it is caught where the future is settled).
 _CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
@@ -298,6 +308,20 @@ def _start_method(mp_context: Any) -> str:
     return method if method is not None else multiprocessing.get_all_start_methods()[0]
 
 
+def _kind_of(fn: Callable[..., Any], args: tuple[Any, ...]) -> object:
+    """What a call's duration is remembered by: its function's code (for a batch of
+    ``map``, the mapped function's), or the type of any other callable."""
+    if fn is _run_batch and args:
+        fn = args[0]
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if isinstance(fn, types.MethodType):
+        fn = fn.__func__
+    if isinstance(fn, types.FunctionType):
+        return fn.__code__
+    return type(fn)
+
+
 class _Item:
     """One submitted call: its future, its pickled message, and where it runs."""
 
@@ -307,6 +331,7 @@ class _Item:
         "exe",
         "fn",
         "future",
+        "kind",
         "kwargs",
         "parts",
         "pid",
@@ -328,6 +353,7 @@ class _Item:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
+        self.kind = _kind_of(fn, args)
         self.cid = 0
         self.parts: list[bytes | memoryview] | None = None
         self.pid: WorkerId = 0
@@ -418,8 +444,10 @@ class DistributedExecutor(cf.Executor):
         self._queue: collections.deque[_Item] = collections.deque()
         self._running: dict[int, _Item] = {}  # cid -> item
         self._slots: dict[WorkerId, int] = {}  # worker -> calls in flight (dispatchable workers)
-        self._depth = _DEPTH  # calls in flight per worker at most: _DEPTH, or _DEEP
-        self._call_time = 1.0  # seconds a call takes on a busy worker (moving average)
+        # Seconds a call of each kind (_kind_of) takes on a busy worker (moving averages),
+        # and the kinds measured short: up to _DEEP of those in flight per worker.
+        self._call_times: dict[object, float] = {}
+        self._short: set[object] = set()
         self._done_at: dict[WorkerId, float] = {}  # worker -> when its last call finished
         self._tasks_done: dict[WorkerId, int] = {}
         self._retiring: set[WorkerId] = set()
@@ -712,7 +740,7 @@ class DistributedExecutor(cf.Executor):
         """Send queued calls, each to the least busy worker with a free slot."""
         queue, slots = self._queue, self._slots
         while queue and not self._broken:
-            pid, n = -1, self._depth
+            pid, n = -1, _DEEP if queue[0].kind in self._short else _DEPTH
             for p, k in slots.items():
                 if k < n and p not in self._retiring:
                     if self._max_tasks is not None and (
@@ -772,6 +800,21 @@ class DistributedExecutor(cf.Executor):
                 if budget == 0:
                     return
 
+    def _measured(self, kind: object, took: float) -> None:
+        """A call of *kind* took *took* seconds: update its average, and whether it is short."""
+        times = self._call_times
+        average = times.get(kind, _LONG_CALL)
+        average += (took - average) * 0.125
+        if kind not in times and len(times) >= _KINDS:
+            oldest = next(iter(times))
+            del times[oldest]
+            self._short.discard(oldest)
+        times[kind] = average
+        if average < _SHORT_CALL:
+            self._short.add(kind)
+        else:
+            self._short.discard(kind)
+
     def _completed(self, item: _Item, ok: bool, value: object) -> None:
         with self._lock:
             if self._running.pop(item.cid, None) is None:
@@ -787,9 +830,7 @@ class DistributedExecutor(cf.Executor):
                     # one finished is one call's (plus any wait for it, so never less).
                     # Capped, so that one pause (a collection, a preemption) does not count
                     # as long calls; three long calls in a row do.
-                    took = min(now - last, 4 * _SHORT_CALL)
-                    self._call_time += (took - self._call_time) * 0.125
-                    self._depth = _DEEP if self._call_time < _SHORT_CALL else _DEPTH
+                    self._measured(item.kind, min(now - last, _LONG_CALL))
             hit = False
             if self._hit:
                 hit = item.cid in self._hit

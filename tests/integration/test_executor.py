@@ -440,22 +440,59 @@ def _turn_order() -> list[int]:
     return list(builtins._dx_turn_state["order"])  # type: ignore[attr-defined]
 
 
+class _Callable:
+    def __call__(self, x: int) -> int:
+        return x
+
+    def method(self, x: int) -> int:
+        return x
+
+
+def _plain(x: int) -> int:
+    return x
+
+
+def test_calls_are_timed_by_their_function() -> None:
+    """What a call's duration is remembered by (``_kind_of``): the function's code, through
+    partials, bound methods and ``map``'s batches; the type of other callables."""
+    import functools
+
+    from distexec import executor as executor_mod
+    from distexec.pmap import _run_batch
+
+    kind = executor_mod._kind_of
+    obj = _Callable()
+    assert kind(_plain, ()) is _plain.__code__
+    assert kind(functools.partial(functools.partial(_plain), 1), ()) is _plain.__code__
+    assert kind(obj.method, ()) is _Callable.method.__code__
+    assert kind(_run_batch, (_plain, [1, 2], False)) is _plain.__code__
+    assert kind(obj, ()) is _Callable
+    assert kind(abs, ()) is type(abs)
+    lambdas = [lambda x, k=k: x + k for k in range(3)]  # made in a loop: one kind
+    assert len({kind(f, ()) for f in lambdas}) == 1
+
+
 def test_more_calls_go_ahead_only_while_calls_are_short() -> None:
     """Short calls get more of them in flight per worker (a round trip costs more than the
-    call); once calls take longer, the executor goes back to one sent ahead, so a worker
-    that finishes last is never late by more than a few short calls."""
+    call). Each function is measured on its own: long calls submitted right after many
+    short ones go out one ahead per worker, so a worker that finishes last is never late by
+    more than a few short calls, and a worker lost takes at most two calls with it."""
     from distexec import executor as executor_mod
 
+    short = executor_mod._kind_of(abs, ())
     with DistributedExecutor(max_workers=2) as ex:
-        assert ex._depth == executor_mod._DEPTH  # nothing measured yet
+        assert short not in ex._short  # nothing measured yet
         results = ex.map(abs, range(-20000, 0))
-        helpers.wait_until(
-            lambda: ex._depth == executor_mod._DEEP, timeout=30, what="more calls in flight"
-        )
+        helpers.wait_until(lambda: short in ex._short, timeout=30, what="more calls in flight")
         assert list(results) == list(range(20000, 0, -1))
+        # Long calls right after: not sent four at a time on the short calls' account.
+        futures = [ex.submit(helpers.sleep_and_return, 0.2) for _ in range(8)]
+        assert max(ex._slots.values()) <= executor_mod._DEPTH
+        assert [f.result(timeout=30) for f in futures] == [0.2] * 8
         assert list(ex.map(helpers.sleep_and_return, [0.02] * 12)) == [0.02] * 12
-        assert ex._call_time >= executor_mod._SHORT_CALL
-        assert ex._depth == executor_mod._DEPTH
+        long = executor_mod._kind_of(helpers.sleep_and_return, ())
+        assert ex._call_times[long] >= executor_mod._SHORT_CALL
+        assert long not in ex._short and short in ex._short
         # Never more in flight on one worker than the depth allows.
         futures = [ex.submit(helpers.sleep_and_return, 0.2) for _ in range(8)]
         assert max(ex._slots.values()) <= executor_mod._DEPTH
