@@ -49,6 +49,8 @@ _LEN = struct.Struct("!Q")
 _FLAGS_AT = 1
 _SEQ = struct.Struct("!I")
 _SEQ_AT = 4
+_NBUFS = struct.Struct("!H")
+_NBUFS_AT = 2
 #: Sealed messages bigger than this are hashed piece by piece as they are written (and read),
 #: so that the receiver's check runs while the sender's goes on, and each piece is hashed
 #: while it is still in the cache.
@@ -145,6 +147,11 @@ def seal(parts: Sequence[bytes | memoryview], seq: int, mac: Keyed) -> list[Buff
     if len(parts) == 1 and len(parts[0]) <= SMALL_MAX:
         return [seal_one(parts[0], seq, mac)]
     first = memoryview(parts[0]).cast("B")
+    if not _NBUFS.unpack_from(first, _NBUFS_AT)[0]:
+        # No buffers, only split: the receiver goes by the header, so must the MAC.
+        whole = b"".join(parts)
+        if len(whole) <= SMALL_MAX:
+            return [seal_one(whole, seq, mac)]
     head = _sealed_header(first, seq)
     rest = first[HEADER_SIZE:]
     h = mac.large.copy()

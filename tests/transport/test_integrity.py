@@ -255,6 +255,19 @@ def test_the_wire_is_the_plain_frame_plus_flag_seq_and_mac(
     assert not hmac.compare_digest(data[-32:], _expected_mac(key, data[:-32], not small))
 
 
+def test_a_message_without_buffers_split_in_parts_takes_the_small_mac(
+    pair: tuple[Connection, Connection],
+) -> None:
+    """The receiver picks the MAC by the header (no buffers, small), so the sender must
+    too, however the message is cut into parts."""
+    ca, cb = pair
+    (whole,) = framing.pack(1, 9, 0, b"split" * 40)
+    t = _in_thread(functools.partial(ca.send, [whole[:40], memoryview(whole)[40:]]))
+    got = cb.read()
+    t.join(10)
+    assert (got.response_id, bytes(got.body)) == (9, b"split" * 40)
+
+
 @pytest.mark.parametrize("size", [100, integrity.SMALL_MAX - 40, integrity.SMALL_MAX + 40])
 def test_frames_either_side_of_the_small_limit_arrive(
     pair: tuple[Connection, Connection], size: int
