@@ -431,20 +431,26 @@ class ProcessGroup:
             peer=f"worker {pid}",
             **self.tls_dial_args(peer.address),
         )
-        conn.send(codec.encode(IdentifyMsg(self.myid)))
-        self._attach(peer, conn)
+        self._attach(peer, conn, identify=True)
 
-    def _attach(self, peer: Peer, conn: Connection) -> None:
+    def _attach(self, peer: Peer, conn: Connection, *, identify: bool = False) -> None:
+        """Make *conn* the link to *peer* and start reading it. *identify*: we dialled it,
+        and tell the peer who we are first (its first message must be that).
+
+        A peer has one link. A second one (two dials crossed: a worker's own lazy connect
+        and the one pid 1 relays for the other side) is closed, and the first one kept, on
+        both sides: the dialler closes its second link before it says who it is, so the
+        other side never takes it; and a second link that did say so is closed there too.
+        """
         with peer.cond:
             if peer.state is PeerState.TERMINATED:
                 conn.close()
                 raise self._lost_error(peer)
             if peer.conn is not None and peer.state is PeerState.CONNECTED:
-                # Both sides dialled at once: keep the link from the higher pid.
-                keep_new = self.myid < peer.pid
-                if not keep_new:
-                    conn.close()
-                    return
+                conn.close()
+                return
+            if identify:  # before anyone can send on it: the peer reads this first
+                conn.send(codec.encode(IdentifyMsg(self.myid)))
             peer.conn = conn
             peer.state = PeerState.CONNECTED
             peer.cond.notify_all()
@@ -488,14 +494,24 @@ class ProcessGroup:
     def _handle_incoming(self, s: socket.socket) -> None:
         try:
             conn = _conn.accept(s, self.cookie(), self._hello())
-            frame = conn.read()
-            msg = codec.decode(frame)
         except (OSError, EOFError, ProtocolError, TimeoutError) as exc:
             _log(f"rejected a connection: {exc}")
+            return  # (accept closed it)
+        try:
+            frame = conn.read()
+            msg = codec.decode(frame)
+        except EOFError:
+            # It proved it knows the cookie, then left without a word: a worker whose dial
+            # crossed another one to us, keeping that one (see _attach). Nothing to report.
+            conn.close()
+            return
+        except (OSError, ProtocolError, TimeoutError) as exc:
+            _log(f"rejected a connection: {exc}")
+            conn.close()
             return
         except BaseException as exc:  # a first message that does not decode
             _log(f"rejected a connection: bad first message ({type(exc).__name__}: {exc})")
-            s.close()
+            conn.close()
             return
         if isinstance(msg, JoinMsg):
             self._join(conn, frame, msg)
@@ -1521,9 +1537,7 @@ class ProcessGroup:
             peer = self._peers.get(pid)
             if peer is None:
                 peer = self._peers[pid] = Peer(pid)
-        if identify:
-            conn.send(codec.encode(IdentifyMsg(self.myid)))
-        self._attach(peer, conn)
+        self._attach(peer, conn, identify=identify)
         return peer
 
     def close_all(self) -> None:
@@ -1694,8 +1708,9 @@ def _sys_relay_connect(target: WorkerId, requester: WorkerId) -> None:
 
 
 def _sys_dial(pid: WorkerId) -> None:
-    """On a worker: dial worker *pid* (which has the lower id)."""
-    group().dial_peer(pid)
+    """On a worker: connect to worker *pid* (which has the lower id), unless this worker
+    is connected to it or connecting already (its own calls to *pid* may have started it)."""
+    group().connection_to(pid)
 
 
 def _sys_noop() -> None:

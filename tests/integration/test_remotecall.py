@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import math
 import pickle
 import threading
+import time
 
 import helpers
 import pytest
@@ -292,3 +293,60 @@ def test_a_function_sent_by_name_is_what_its_name_holds_on_the_worker(
     finally:
         dx.remotecall_fetch(_restore_identity, w)
     assert dx.remotecall_fetch(helpers.identity, w, 2) == 2
+
+
+def _slow_dials(seconds: float) -> None:
+    """On a worker: make its dials to other workers take *seconds* longer (so two cross)."""
+    import time
+
+    from distexec._transport import connection
+
+    real = connection.dial
+
+    def slow(*args: object, **kwargs: object) -> object:
+        time.sleep(seconds)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    connection.dial = slow  # type: ignore[assignment]
+
+
+def _dial(pid: int) -> None:
+    from distexec import _cluster
+
+    _cluster.group().dial_peer(pid)
+
+
+def _ask(other: int, n: int) -> list[int]:
+    return [dx.remotecall(dx.myid, other).fetch(timeout=10) for _ in range(n)]
+
+
+def _both_ways_work(lo: int, hi: int) -> None:
+    """Calls cross the link in both directions, and neither side thinks the other gone."""
+    for f in [dx.remotecall(_ask, lo, hi, 20), dx.remotecall(_ask, hi, lo, 20)] * 2:
+        assert len(set(f.fetch(timeout=30))) == 1
+    assert dx.remotecall_fetch(_ask, lo, hi, 1) == [hi]
+    assert dx.remotecall_fetch(_ask, hi, lo, 1) == [lo]
+
+
+@pytest.mark.parametrize("how", ["two-dials", "relay-and-own-call"])
+def test_crossing_dials_leave_one_link_that_both_sides_use(
+    no_leaked_workers: None, how: str
+) -> None:
+    """Two dials from the higher pid to the lower one can cross: its own first call, and the
+    one pid 1 relays when the lower pid calls it first. Both sides must keep the same link;
+    they used not to (the lower pid took the last one, which the higher one had closed), and
+    calls between the two then hung or failed."""
+    lo, hi = dx.addprocs(2)
+    try:
+        dx.remotecall_fetch(_slow_dials, hi, 0.5)
+        if how == "two-dials":
+            first, second = dx.remotecall(_dial, hi, lo), dx.remotecall(_dial, hi, lo)
+        else:
+            first = dx.remotecall(_ask, hi, lo, 1)  # hi dials lo for its own call ...
+            time.sleep(0.1)
+            second = dx.remotecall(_ask, lo, hi, 1)  # ... while lo has pid 1 ask hi to dial
+        first.fetch(timeout=30)
+        second.fetch(timeout=30)
+        _both_ways_work(lo, hi)
+    finally:
+        dx.rmprocs([lo, hi])
