@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,33 @@ def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "c
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def link_reader(pid: int) -> int:
+    """Who reads pid 1's link to worker *pid* now: ``_cluster._THREAD``, ``_IDLE`` (nobody: the
+    watchdog watches it) or ``_CALLER`` (a caller, for its own reply)."""
+    from distexec import _cluster
+
+    peer = _cluster.group().peer(pid)
+    assert peer is not None and peer.conn is not None
+    return peer.conn.reading
+
+
+def interrupt_while_the_caller_reads(pid: int) -> threading.Thread:
+    """Start a thread that sends SIGINT to the main thread once that thread is reading its
+    own reply from worker *pid* (a little into the read, as a user's Ctrl-C comes)."""
+    from distexec import _cluster
+
+    main = threading.get_ident()
+
+    def interrupt() -> None:
+        wait_until(lambda: link_reader(pid) == _cluster._CALLER, what="the caller reading")
+        time.sleep(0.05)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    return t
 
 
 class Collector(io.TextIOBase):

@@ -27,14 +27,7 @@ from distexec._transport import framing
 pytestmark = pytest.mark.timeout(60)
 
 
-def _conn(pid: int) -> object:
-    peer = _cluster.group().peer(pid)
-    assert peer is not None and peer.conn is not None
-    return peer.conn
-
-
-def _reading(pid: int) -> int:
-    return _conn(pid).reading  # type: ignore[attr-defined,no-any-return]
+_reading = helpers.link_reader
 
 
 def test_a_blocking_caller_reads_its_own_reply(cluster: list[int]) -> None:
@@ -117,15 +110,7 @@ def test_keyboard_interrupt_while_the_caller_reads_leaves_the_link_whole(
     w = cluster[0]
     assert dx.remotecall_fetch(helpers.identity, w, 0) == 0
     helpers.wait_until(lambda: _reading(w) == _cluster._IDLE, what="a quiet link")
-    main = threading.get_ident()
-
-    def interrupt() -> None:
-        helpers.wait_until(lambda: _reading(w) == _cluster._CALLER, what="the caller reading")
-        time.sleep(0.05)
-        signal.pthread_kill(main, signal.SIGINT)
-
-    t = threading.Thread(target=interrupt)
-    t.start()
+    t = helpers.interrupt_while_the_caller_reads(w)
     with pytest.raises(KeyboardInterrupt):
         dx.remotecall_fetch(time.sleep, w, 1.0)
     t.join(10)

@@ -297,7 +297,6 @@ def test_a_function_sent_by_name_is_what_its_name_holds_on_the_worker(
 
 def _slow_dials(seconds: float) -> None:
     """On a worker: make its dials to other workers take *seconds* longer (so two cross)."""
-    import time
 
     from distexec._transport import connection
 
@@ -314,6 +313,13 @@ def _dial(pid: int) -> None:
     from distexec import _cluster
 
     _cluster.group().dial_peer(pid)
+
+
+def _dialling(pid: int) -> bool:
+    from distexec import _cluster
+
+    peer = _cluster.group().peer(pid)
+    return peer is not None and peer.connecting
 
 
 def _ask(other: int, n: int) -> list[int]:
@@ -343,7 +349,7 @@ def test_crossing_dials_leave_one_link_that_both_sides_use(
             first, second = dx.remotecall(_dial, hi, lo), dx.remotecall(_dial, hi, lo)
         else:
             first = dx.remotecall(_ask, hi, lo, 1)  # hi dials lo for its own call ...
-            time.sleep(0.1)
+            helpers.wait_until(lambda: dx.remotecall_fetch(_dialling, hi, lo), what="a dial")
             second = dx.remotecall(_ask, lo, hi, 1)  # ... while lo has pid 1 ask hi to dial
         first.fetch(timeout=30)
         second.fetch(timeout=30)

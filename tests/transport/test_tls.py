@@ -382,12 +382,6 @@ def test_a_tls_stream_is_polled_and_loses_nothing(certs: Certs) -> None:
         b.close()
 
 
-def _reading(pid: int) -> int:
-    peer = _cluster.group().peer(pid)
-    assert peer is not None and peer.conn is not None
-    return peer.conn.reading
-
-
 def test_a_caller_reads_its_own_reply_over_tls(certs: Certs) -> None:
     """A quiet TLS link is watched like a plain one, so a blocking caller reads its own reply
     instead of waiting for a reader thread to hand it over; an interrupt in the middle of
@@ -395,16 +389,8 @@ def test_a_caller_reads_its_own_reply_over_tls(certs: Certs) -> None:
     [w] = dx.addprocs(1, tls=certs.config())
     for i in range(50):
         assert dx.remotecall_fetch(helpers.identity, w, i) == i
-    helpers.wait_until(lambda: _reading(w) == _cluster._IDLE, what="a quiet link")
-    main = threading.get_ident()
-
-    def interrupt() -> None:
-        helpers.wait_until(lambda: _reading(w) == _cluster._CALLER, what="the caller reading")
-        time.sleep(0.05)
-        signal.pthread_kill(main, signal.SIGINT)
-
-    t = threading.Thread(target=interrupt)
-    t.start()
+    helpers.wait_until(lambda: helpers.link_reader(w) == _cluster._IDLE, what="a quiet link")
+    t = helpers.interrupt_while_the_caller_reads(w)
     with pytest.raises(KeyboardInterrupt):
         dx.remotecall_fetch(time.sleep, w, 1.0)
     t.join(10)
@@ -413,7 +399,7 @@ def test_a_caller_reads_its_own_reply_over_tls(certs: Certs) -> None:
         assert dx.remotecall_fetch(helpers.identity, w, data) == data
     for i in range(20):
         assert dx.remotecall_fetch(helpers.identity, w, ("after", i)) == ("after", i)
-    helpers.wait_until(lambda: _reading(w) == _cluster._IDLE, what="a quiet link again")
+    helpers.wait_until(lambda: helpers.link_reader(w) == _cluster._IDLE, what="quiet again")
     os.kill(dx.remotecall_fetch(os.getpid, w), signal.SIGKILL)
     helpers.wait_until(lambda: w not in dx.workers(), what="the loss to be noticed")
 
