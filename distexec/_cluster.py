@@ -450,7 +450,11 @@ class ProcessGroup:
                 conn.close()
                 return
             if identify:  # before anyone can send on it: the peer reads this first
-                conn.send(codec.encode(IdentifyMsg(self.myid)))
+                try:
+                    conn.send(codec.encode(IdentifyMsg(self.myid)))
+                except BaseException:
+                    conn.close()
+                    raise
             peer.conn = conn
             peer.state = PeerState.CONNECTED
             peer.cond.notify_all()
