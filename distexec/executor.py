@@ -865,6 +865,8 @@ class DistributedExecutor(cf.Executor):
                 self._events.notify_all()
             if not self._running and not self._queue:
                 self._idle.notify_all()
+                if self._shutdown:
+                    self._events.notify_all()  # the manager thread winds down now
         item.future._dx_item = None  # type: ignore[attr-defined]
         item.parts = None
         if cancelled:

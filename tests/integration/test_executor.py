@@ -497,3 +497,17 @@ def test_more_calls_go_ahead_only_while_calls_are_short() -> None:
         futures = [ex.submit(helpers.sleep_and_return, 0.2) for _ in range(8)]
         assert max(ex._slots.values()) <= executor_mod._DEPTH
         assert [f.result(timeout=30) for f in futures] == [0.2] * 8
+
+
+def test_shutdown_returns_when_the_last_call_is_done() -> None:
+    """``shutdown(wait=True)`` with calls still running returns once they finish and the
+    workers stop, not at the manager thread's next periodic look, a second later (it was
+    not told that the last call had finished)."""
+    ex = DistributedExecutor(max_workers=2)
+    fs = [ex.submit(time.sleep, 0.05) for _ in range(4)]
+    helpers.wait_until(lambda: any(f.running() for f in fs), what="calls running")
+    started = time.monotonic()
+    ex.shutdown(wait=True)
+    took = time.monotonic() - started
+    assert all(f.done() and f.exception() is None for f in fs)
+    assert took < 0.75, f"shutdown took {took:.2f} s for about 0.1 s of calls left"
