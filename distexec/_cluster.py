@@ -502,14 +502,23 @@ class ProcessGroup:
             _log(f"rejected a connection: {exc}")
             return  # (accept closed it)
         try:
+            conn.sock.settimeout(_config.HANDSHAKE_TIMEOUT)  # its first message comes at once
             frame = conn.read()
+            conn.sock.settimeout(None)
             msg = codec.decode(frame)
         except EOFError:
             # It proved it knows the cookie, then left without a word: a worker whose dial
             # crossed another one to us, keeping that one (see _attach). Nothing to report.
             conn.close()
             return
-        except (OSError, ProtocolError, TimeoutError) as exc:
+        except TimeoutError:
+            _log(
+                f"rejected a connection from {conn.peer}: it sent nothing within "
+                f"{_config.HANDSHAKE_TIMEOUT:g} s of the handshake"
+            )
+            conn.close()
+            return
+        except (OSError, ProtocolError) as exc:
             _log(f"rejected a connection: {exc}")
             conn.close()
             return

@@ -308,3 +308,37 @@ def test_tune_sets_the_link_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as s:
         framing.tune(s)
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+
+
+def _quick_first_message(seconds: float) -> None:
+    from distexec import _config
+
+    _config.HANDSHAKE_TIMEOUT = seconds
+
+
+def test_a_peer_that_authenticates_and_says_nothing_is_dropped(no_leaked_workers: None) -> None:
+    """A peer that passes the cookie handshake must then say who it is at once. One that
+    says nothing is dropped after the handshake timeout, instead of keeping a thread of the
+    worker waiting for it forever."""
+    from distexec._transport import connection
+
+    (w,) = dx.addprocs(1)
+    try:
+        dx.remotecall_fetch(_quick_first_message, w, 0.5)
+        g = _cluster.group()
+        peer = g.peer(w)
+        assert peer is not None
+        silent = connection.dial(
+            _cluster._address(peer.address), g.cookie(), g._hello(), timeout=10, peer="test"
+        )
+        try:
+            silent.sock.settimeout(15)
+            started = time.monotonic()
+            with pytest.raises(EOFError):
+                silent.read()  # the worker closes it
+            assert time.monotonic() - started < 10
+        finally:
+            silent.close()
+        assert dx.remotecall_fetch(helpers.identity, w, 7) == 7  # the worker is fine
+    finally:
+        dx.rmprocs(w)
