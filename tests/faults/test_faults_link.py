@@ -310,21 +310,20 @@ def test_tune_sets_the_link_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
         assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
 
 
-def _quick_first_message(seconds: float) -> None:
-    from distexec import _config
-
-    _config.HANDSHAKE_TIMEOUT = seconds
-
-
 def test_a_peer_that_authenticates_and_says_nothing_is_dropped(no_leaked_workers: None) -> None:
     """A peer that passes the cookie handshake must then say who it is at once. One that
     says nothing is dropped after the handshake timeout, instead of keeping a thread of the
     worker waiting for it forever."""
     from distexec._transport import connection
 
+    def quick_first_message(seconds: float) -> None:  # (local: it travels by value)
+        from distexec import _config
+
+        _config.HANDSHAKE_TIMEOUT = seconds
+
     (w,) = dx.addprocs(1)
     try:
-        dx.remotecall_fetch(_quick_first_message, w, 0.5)
+        dx.remotecall_fetch(quick_first_message, w, 0.5)
         g = _cluster.group()
         peer = g.peer(w)
         assert peer is not None
