@@ -350,7 +350,7 @@ class TLSStream:
             got: int | None = None
             mine = False
             with self._ssl_lock:
-                if self._in.pending or self._in.eof or self._obj.pending():
+                if self._held():
                     try:
                         got = cast(int, self._obj.read(n, buf))  # into buf
                     except ssl.SSLWantReadError:
@@ -373,6 +373,11 @@ class TLSStream:
                 return got
             self._take_raw(self._raw.recv_into(self._raw_view))
 
+    def _held(self) -> bool:
+        """Under ``_ssl_lock``: whether TLS holds bytes (raw or decrypted) or the end, so that
+        the next read needs nothing from the socket."""
+        return bool(self._in.pending or self._in.eof or self._obj.pending())
+
     def _take_raw(self, got: int) -> None:
         """Hand *got* bytes just read into the raw buffer to TLS (0: the peer closed)."""
         with self._ssl_lock:
@@ -387,7 +392,7 @@ class TLSStream:
         if not self._handshaken:
             return False
         with self._ssl_lock:
-            if self._in.pending or self._in.eof or self._obj.pending():
+            if self._held():
                 return True
         raw, view = self._raw, self._raw_view
         deadline = time.perf_counter() + seconds
@@ -407,7 +412,7 @@ class TLSStream:
         if not self._handshaken:
             return None
         with self._ssl_lock:
-            if self._in.pending or self._in.eof or self._obj.pending():
+            if self._held():
                 return None
         return self._raw.fileno()
 
