@@ -139,6 +139,9 @@ _THREAD, _IDLE, _CALLER = 0, 1, 2
 
 _tls = threading.local()
 
+#: How long a writer that got EPIPE waits for the link's reader to say why it failed.
+_ECHO_WAIT = 1.0
+
 
 class _Inline:
     """A call that a link's reader thread is running itself (see ``_read_loop``)."""
@@ -985,6 +988,7 @@ class ProcessGroup:
         costs no thread wake-up, and a blocked one holds up the link for milliseconds only.
         """
         error: BaseException | None = None
+        _tls.reads = conn
         try:
             while True:
                 # No message outlives its handling: the next read may block for long, and a
@@ -1026,6 +1030,8 @@ class ProcessGroup:
         except BaseException as exc:  # pragma: no cover - a bug in dispatch
             error = exc
             _log(f"reader for worker {peer.pid} crashed: {type(exc).__name__}: {exc}")
+        finally:
+            _tls.reads = None
         try:
             self._peer_lost(peer, conn, error)
         finally:
@@ -1413,6 +1419,20 @@ class ProcessGroup:
         )
 
     def _peer_lost(self, peer: Peer, conn: Connection | None, error: BaseException | None) -> None:
+        if (
+            isinstance(error, BrokenPipeError)
+            and conn is not None
+            and conn.reading != _CALLER
+            and getattr(_tls, "reads", None) is not conn
+        ):
+            # The kernel reports a socket's error once. A writer that gets EPIPE was beaten
+            # to it by the link's reader (a thread, or the watchdog's): that one holds the
+            # cause (a timeout, a reset) and is about to say so. Let it.
+            with peer.cond:
+                peer.cond.wait_for(
+                    lambda: peer.state is PeerState.TERMINATED or peer.conn is not conn,
+                    _ECHO_WAIT,
+                )
         with peer.cond:
             if conn is not None and peer.conn is not None and peer.conn is not conn:
                 conn.close()  # a duplicate link went away; the peer lives on

@@ -8,8 +8,10 @@ garbage and flipped bits. Detection times are printed.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -160,6 +162,34 @@ def test_blackhole_with_data_in_flight_is_found_by_tcp_user_timeout(
     )
     assert "timed out" in str(info.value)
     assert elapsed < 60
+
+
+def test_a_writers_broken_pipe_lets_the_reader_tell_the_cause(
+    proxied: tuple[int, FaultProxy], no_heartbeat: None
+) -> None:
+    """The kernel reports a socket's error once: when a link's reader takes it (a timeout, a
+    reset), a writer blocked on the same link gets a bare EPIPE. The loss must be told by
+    the reader's cause, whichever thread reports first. The race is forced here: the writer's
+    echo first, the reader's verdict a moment later, on a real link."""
+    pid, _proxy = proxied
+    group = _cluster.group()
+    peer = group.peer(pid)
+    assert peer is not None and peer.conn is not None
+    conn = peer.conn
+    fut = dx.remotecall(time.sleep, pid, 60)
+    echo = BrokenPipeError(errno.EPIPE, "Broken pipe")
+    writer = threading.Thread(target=group._peer_lost, args=(peer, conn, echo))
+    t0 = time.monotonic()
+    writer.start()
+    time.sleep(0.2)  # the fault's order (the echo first), not a wait for a condition
+    group._peer_lost(peer, conn, TimeoutError(errno.ETIMEDOUT, "Connection timed out"))
+    writer.join(10)
+    assert not writer.is_alive()
+    with pytest.raises(dx.WorkerDiedError) as info:
+        fut.fetch(timeout=10)
+    assert "timed out" in str(info.value), info.value
+    assert "Broken pipe" not in str(info.value)
+    assert time.monotonic() - t0 < 5
 
 
 def test_short_blip_is_no_error(proxied: tuple[int, FaultProxy], fast_heartbeat: object) -> None:
