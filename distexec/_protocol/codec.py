@@ -292,10 +292,16 @@ def _rebuild_connection(dup: Any, readable: bool, writable: bool) -> object:
 
     try:
         fd = dup.detach()
-    except AuthenticationError:
+    except (AuthenticationError, OSError) as exc:
+        why = (
+            "does not hold that authkey"
+            if isinstance(exc, AuthenticationError)
+            else "cannot reach the sender's resource sharer (as on another host)"
+        )
         raise RuntimeError(
             "a multiprocessing pipe or queue reaches only local workers (LocalManager's, "
-            "which hold the master's multiprocessing authkey); this process does not"
+            f"which hold the master's multiprocessing authkey); this process {why}: "
+            f"{type(exc).__name__}: {exc}"
         ) from None
     return Connection(fd, readable, writable)
 

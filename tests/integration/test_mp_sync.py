@@ -242,3 +242,28 @@ def test_a_pipe_for_a_worker_without_the_authkey_fails_saying_why(
         assert dx.remotecall_fetch(helpers.identity, w, "still serving") == "still serving"
     finally:
         dx.rmprocs(w)
+
+
+def _rebuild_from_a_sharer_out_of_reach() -> str:
+    from multiprocessing import resource_sharer
+
+    from distexec._protocol import codec
+
+    dup = resource_sharer.DupFd.__new__(resource_sharer.DupFd)
+    dup._id = ("/nonexistent/pymp-elsewhere/listener-1", 1)  # another host's sharer
+    try:
+        codec._rebuild_connection(dup, True, True)
+    except RuntimeError as exc:
+        return str(exc)
+    return "rebuilt"
+
+
+def test_a_pipe_for_a_worker_that_cannot_reach_the_sharer_fails_saying_why(
+    cluster: list[int],
+) -> None:
+    """As a worker on another host, whose filesystem lacks the sender's sharer socket: the
+    same words as a refused authkey, with the cause, not a bare FileNotFoundError."""
+    said = dx.remotecall_fetch(_rebuild_from_a_sharer_out_of_reach, cluster[0])
+    assert "reaches only local workers" in said
+    assert "cannot reach the sender's resource sharer" in said
+    assert "FileNotFoundError" in said
