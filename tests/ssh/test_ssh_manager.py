@@ -330,8 +330,10 @@ def test_a_master_carries_at_most_sessions_per_master(
 @ssh
 @pytest.mark.timeout(60)
 def test_duplicate_specs_are_merged_and_alias_binds_where_ssh_went(sshd: SSHServer) -> None:
-    """``dxhost`` is an ssh alias: the worker binds the address $SSH_CONNECTION names."""
-    pids = dx.addprocs([sshd.alias, (sshd.alias, 1)], **kw(sshd))
+    """``dxhost`` is an ssh alias: the worker binds the address $SSH_CONNECTION names.
+    Where that is cannot be known before ssh goes there, so plain TCP is warned of."""
+    with pytest.warns(UserWarning, match=rf"listen on {sshd.alias} without TLS"):
+        pids = dx.addprocs([sshd.alias, (sshd.alias, 1)], **kw(sshd))
     assert len(pids) == 2
     for p in pids:
         assert bind_arg(dx.remotecall_fetch(os.getpid, p)) == "127.0.0.1"
@@ -714,7 +716,10 @@ def test_a_manager_object_keeps_its_defaults(sshd: SSHServer) -> None:
 def test_workers_on_two_hosts_reach_each_other(netns_hosts: NetnsHosts) -> None:
     host_a, host_b = netns_hosts[0], netns_hosts[1]
     # One by ssh alias (bind address from $SSH_CONNECTION), one by user@addr:port.
-    pids = dx.addprocs([host_a.ssh_alias, host_b.destination], **kw(netns_hosts, multiplex=True))
+    with pytest.warns(UserWarning, match=rf"{host_a.ssh_alias}, {host_b.addr} without TLS"):
+        pids = dx.addprocs(
+            [host_a.ssh_alias, host_b.destination], **kw(netns_hosts, multiplex=True)
+        )
     assert len(pids) == 2
     assert len(_masters()) == 2  # one master connection per host
     namespaces = {f"net:[{os.stat(f'/run/netns/{h.name}').st_ino}]": h.addr for h in netns_hosts}
@@ -826,7 +831,10 @@ def test_max_parallel_bounds_logins_per_machine(
 @pytest.mark.timeout(60)
 def test_fake_denied_host_fails_alone(fake_ssh: tuple[str, Path]) -> None:
     program, _ = fake_ssh
-    with pytest.raises(dx.LaunchError, match=r"denied-host: Permission denied") as info:
+    with (
+        pytest.warns(UserWarning, match="listen on denied-host without TLS"),
+        pytest.raises(dx.LaunchError, match=r"denied-host: Permission denied") as info,
+    ):
         dx.addprocs(
             ["denied-host", "127.0.0.1"],
             ssh=program,
