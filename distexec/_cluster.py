@@ -139,7 +139,7 @@ _THREAD, _IDLE, _CALLER = 0, 1, 2
 
 _tls = threading.local()
 
-#: How long a writer that got EPIPE waits for the link's reader to say why it failed.
+#: How long a failed write waits for the link's reader to declare the loss (``_write_failed``).
 _ECHO_WAIT = 1.0
 
 
@@ -755,7 +755,7 @@ class ProcessGroup:
             raise  # over the peer's frame cap: nothing was sent, the link is fine
         except OSError as exc:
             peer = self._peers[pid]
-            self._peer_lost(peer, conn, exc)
+            self._write_failed(peer, conn, exc, wait=True)
             raise self._lost_error(peer) from exc
 
     def prepare_call(
@@ -811,8 +811,7 @@ class ProcessGroup:
             if sink_ is not None:
                 sink_.set(False, exc)
         except OSError as exc:
-            self._peer_lost(peer, conn, exc)
-            self._fail_pending(peer, cid)
+            self._write_failed(peer, conn, exc)  # its reader fails the call with the others
 
     def send_calls(
         self, pid: WorkerId, calls: Sequence[tuple[int, list[bytes | memoryview], Sink]]
@@ -837,9 +836,7 @@ class ProcessGroup:
         try:
             conn.send_many([parts for _cid, parts, _sink in calls])
         except OSError as exc:
-            self._peer_lost(peer, conn, exc)
-            for cid, _parts, _sink in calls:
-                self._fail_pending(peer, cid)
+            self._write_failed(peer, conn, exc)  # its reader fails the calls with the others
 
     def _fail_pending(self, peer: Peer, cid: int) -> None:
         with self._pending_lock:
@@ -912,7 +909,7 @@ class ProcessGroup:
             raise  # nothing was sent: this call fails, the link lives
         except OSError as exc:
             self._drop_awaiting(peer, rrid)
-            self._peer_lost(peer, conn, exc)
+            self._write_failed(peer, conn, exc, wait=True)
             raise self._lost_error(peer) from exc
 
     def await_from(self, pid: WorkerId, rrid: RRID, target: Awaitable) -> None:
@@ -1318,14 +1315,15 @@ class ProcessGroup:
         track = not getattr(fn, "distexec_system", False)
         running = self.runner.running
         ident = threading.get_ident()
+        turn = False
         try:
             try:
                 if track:
                     running[ident] = fn
-                if msg.ticket < 0:
-                    value = fn(*msg.args, **msg.kwargs)
-                else:
-                    value = _turns.run(msg.ticket, fn, msg.args, msg.kwargs)
+                if msg.ticket >= 0:
+                    _turns.wait(msg.ticket)
+                    turn = True
+                value = fn(*msg.args, **msg.kwargs)
                 ok = True
             finally:
                 if track:
@@ -1333,6 +1331,12 @@ class ProcessGroup:
         except BaseException as exc:  # SystemExit / KeyboardInterrupt fail this call only
             value = RemoteException(self.myid, CapturedException.capture(exc))
             ok = False
+        if turn:  # the next ordered call starts once this answer is written (see _turns)
+            try:
+                self._reply(peer, response_id, ok, value, flags)
+            finally:
+                _turns.done()
+            return
         if msg.mode is CallMode.FETCH or msg.mode is CallMode.ORDERED:
             self._reply(peer, response_id, ok, value, flags)
         elif msg.mode is CallMode.FUTURE:
@@ -1357,8 +1361,8 @@ class ProcessGroup:
             except FrameTooLargeError as exc:  # the value is over the caller's frame cap
                 err = self.value_too_large(exc, peer.pid)
                 conn.send(codec.encode(ResultMsg(False, err), response_id=response_id))
-        except OSError:
-            pass  # the reader sees the loss and cleans up
+        except OSError as exc:
+            self._write_failed(peer, conn, exc)
 
     def value_too_large(self, exc: FrameTooLargeError, to: WorkerId) -> FrameTooLargeError:
         """The error a caller gets for a value this process could not send it (over the
@@ -1418,21 +1422,49 @@ class ProcessGroup:
             stderr_tail=getattr(known, "stderr_tail", ""),
         )
 
+    def _write_failed(
+        self, peer: Peer, conn: Connection, error: BaseException, wait: bool = False
+    ) -> None:
+        """A write to *peer* on *conn* failed: the link is gone. Its reader declares the
+        loss, once it has read what the peer wrote before (answers in the socket are not
+        thrown away: an executor relies on them), and tells *error* as the cause unless it
+        holds a better one: the kernel reports a socket's error once, so a writer may get a
+        bare EPIPE while the reader got the timeout or the reset.
+
+        *wait*: return once the loss is declared, for a caller that raises it now (at most
+        ``_ECHO_WAIT`` s; then, or if this thread reads the link, it declares it itself).
+        Else a watcher declares it if the reader has not within ``_ECHO_WAIT`` s."""
+        first = conn.write_error is None
+        if first:
+            conn.write_error = error
+        if peer.state is PeerState.TERMINATED or peer.conn is not conn:
+            return
+        if wait:
+            if conn.reading != _CALLER and getattr(_tls, "reads", None) is not conn:
+                self._await_verdict(peer, conn)
+            self._peer_lost(peer, conn, error)
+        elif first:
+            threading.Thread(
+                target=self._declare_unheard,
+                args=(peer, conn, error),
+                name="distexec-link-lost",
+                daemon=True,
+            ).start()
+
+    def _await_verdict(self, peer: Peer, conn: Connection) -> None:
+        with peer.cond:
+            peer.cond.wait_for(
+                lambda: peer.state is PeerState.TERMINATED or peer.conn is not conn,
+                _ECHO_WAIT,
+            )
+
+    def _declare_unheard(self, peer: Peer, conn: Connection, error: BaseException) -> None:
+        self._await_verdict(peer, conn)
+        self._peer_lost(peer, conn, error)  # (nothing, if the reader has)
+
     def _peer_lost(self, peer: Peer, conn: Connection | None, error: BaseException | None) -> None:
-        if (
-            isinstance(error, BrokenPipeError)
-            and conn is not None
-            and conn.reading != _CALLER
-            and getattr(_tls, "reads", None) is not conn
-        ):
-            # The kernel reports a socket's error once. A writer that gets EPIPE was beaten
-            # to it by the link's reader (a thread, or the watchdog's): that one holds the
-            # cause (a timeout, a reset) and is about to say so. Let it.
-            with peer.cond:
-                peer.cond.wait_for(
-                    lambda: peer.state is PeerState.TERMINATED or peer.conn is not conn,
-                    _ECHO_WAIT,
-                )
+        if conn is not None and conn.write_error is not None:
+            error = _telling(error, conn.write_error)
         with peer.cond:
             if conn is not None and peer.conn is not None and peer.conn is not conn:
                 conn.close()  # a duplicate link went away; the peer lives on
@@ -1634,6 +1666,19 @@ _LOST_WORDS = {
     "timeout": "was killed",
     "cancelled": "was killed",
 }
+
+
+def _telling(read: BaseException | None, written: BaseException) -> BaseException | None:
+    """The cause to tell of a lost link, from its reader's error and its first writer's: a
+    timeout, a reset or a protocol error says more than a broken pipe, which says more than
+    an EOF (the reader's, on a tie)."""
+
+    def rank(error: BaseException | None) -> int:
+        if error is None or isinstance(error, EOFError):
+            return 0
+        return 1 if isinstance(error, BrokenPipeError) else 2
+
+    return written if rank(written) > rank(read) else read
 
 
 def _describe_link_error(error: BaseException) -> str:

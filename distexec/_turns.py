@@ -6,13 +6,15 @@ An executor sends a worker its next call before the current one has finished, to
 round trip; the worker must still run them one after another, in order, as a
 ``ProcessPoolExecutor`` process does. The link's reader takes a ticket for each such call as
 it decodes it (so tickets follow arrival order), and the call waits for its ticket's turn.
+
+A call passes the turn on once its answer is written, not when its function returns: so when
+a worker dies, of the calls it had not answered only the oldest can have started, and an
+executor may run the others elsewhere (the answers written before are read before the EOF).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any
 
 _turn = threading.Condition()  # guards: _serving, _given, _abandoned
 _serving = 0  # the ticket whose call may run now
@@ -38,25 +40,26 @@ def _advance_locked() -> None:
     _turn.notify_all()
 
 
-def run(
-    ticket: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
-) -> Any:
-    """Wait for *ticket*'s turn, run ``fn(*args, **kwargs)``, then pass the turn on (also if
-    it raised, or if the wait was interrupted: a call never blocks the ones after it)."""
-    if _serving != ticket:  # (a racy look that only saves taking the lock in the common case)
-        try:
-            with _turn:
-                while _serving != ticket:
-                    _turn.wait()
-        except BaseException:  # interrupted while waiting: give the turn up
-            with _turn:
-                if _serving == ticket:
-                    _advance_locked()
-                else:
-                    _abandoned.add(ticket)
-            raise
+def wait(ticket: int) -> None:
+    """Wait for *ticket*'s turn. Its holder must call :func:`done` when its call has ended
+    and its answer is written. An interrupted wait gives the turn up (a call never blocks
+    the ones after it)."""
+    if _serving == ticket:  # (a racy look that only saves taking the lock in the common case)
+        return
     try:
-        return fn(*args, **kwargs)
-    finally:
         with _turn:
-            _advance_locked()
+            while _serving != ticket:
+                _turn.wait()
+    except BaseException:
+        with _turn:
+            if _serving == ticket:
+                _advance_locked()
+            else:
+                _abandoned.add(ticket)
+        raise
+
+
+def done() -> None:
+    """Pass the turn on to the next ticket."""
+    with _turn:
+        _advance_locked()

@@ -44,6 +44,7 @@ import heapq
 import itertools
 import multiprocessing
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -322,6 +323,9 @@ def _kind_of(fn: Callable[..., Any], args: tuple[Any, ...]) -> object:
     return type(fn)
 
 
+_AF_UNIX = getattr(socket, "AF_UNIX", None)
+
+
 class _Item:
     """One submitted call: its future, its pickled message, and where it runs."""
 
@@ -469,6 +473,7 @@ class DistributedExecutor(cf.Executor):
         self._deadline_seq = itertools.count()
         self._killing: set[WorkerId] = set()  # killed by us: their other calls run again
         self._hit: set[int] = set()  # call ids an interrupt for a cancel also reached
+        self._unstarted: set[int] = set()  # call ids a dead worker is known not to have begun
         self._dead: set[WorkerId] = set()  # found gone while sending; the lost-hook follows
         self._retirers: list[threading.Thread] = []  # removing retired workers (max_tasks)
         self._sending: _Item | None = None  # the call being handed to send_call
@@ -880,13 +885,19 @@ class DistributedExecutor(cf.Executor):
             pass  # cancelled just now
 
     def _lost_by_us(self, item: _Item, value: object, hit: bool) -> bool:
-        """Whether a failed call should simply run again: it never reached its worker, or
-        the executor itself killed or interrupted that worker for another call."""
+        """Whether a failed call should simply run again: it never reached its worker, its
+        dead worker had not begun it, or the executor itself killed or interrupted that
+        worker for another call."""
         pid = item.pid
         if isinstance(value, ProcessExitedException):
             if pid in self._slots:  # gone: send nothing more there (its lost-hook follows)
                 del self._slots[pid]
                 self._dead.add(pid)
+            if self._unstarted:
+                unstarted = item.cid in self._unstarted
+                self._unstarted.discard(item.cid)
+                if unstarted:
+                    return True
             return item is self._sending or pid in self._killing
         return (
             hit
@@ -1122,7 +1133,28 @@ class DistributedExecutor(cf.Executor):
             # (an owned worker without slots is still starting: _add_workers has it)
             if pid not in self._slots and not found_dead and pid not in self._owned:
                 return
+            self._find_unstarted_locked(pid)
             self._lost_locked(pid)
+
+    def _find_unstarted_locked(self, pid: WorkerId) -> None:
+        """Worker *pid* is gone, its calls not failed yet: mark those it cannot have begun.
+
+        A worker runs its calls one at a time, in the order they were sent, and begins the
+        next once its answer to the last is written (see ``_turns``). On an AF_UNIX link a
+        written answer is read before the EOF, however the worker died: so of the calls
+        still unanswered only the oldest can have run, and the others run again elsewhere.
+        Over TCP an answer written just before the death can be lost with the connection
+        (a reset discards it), so there every unanswered call fails as before."""
+        peer = self._g.peer(pid)
+        conn = None if peer is None else peer.conn
+        if conn is None or getattr(conn.sock, "family", None) != _AF_UNIX:
+            return
+        oldest = True
+        for cid, item in self._running.items():  # in the order they were sent
+            if item.pid == pid:
+                if not oldest:
+                    self._unstarted.add(cid)
+                oldest = False
 
     def _lost_locked(self, pid: WorkerId) -> None:
         """Worker *pid* is gone: stop using it, and replace it if it was ours."""

@@ -51,6 +51,7 @@ class Connection:
         "reading",
         "session_key",
         "sock",
+        "write_error",
     )
 
     def __init__(
@@ -73,6 +74,7 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.reading = 0  # who reads: the cluster layer's business (see _cluster.ReadToken)
+        self.write_error: BaseException | None = None  # the first failed write's (ditto)
         cap = hello.info.get("max_frame")
         if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
             cap = _config.MAX_FRAME_BYTES  # a peer that does not say: assume ours

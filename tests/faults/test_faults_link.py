@@ -178,7 +178,7 @@ def test_a_writers_broken_pipe_lets_the_reader_tell_the_cause(
     conn = peer.conn
     fut = dx.remotecall(time.sleep, pid, 60)
     echo = BrokenPipeError(errno.EPIPE, "Broken pipe")
-    writer = threading.Thread(target=group._peer_lost, args=(peer, conn, echo))
+    writer = threading.Thread(target=group._write_failed, args=(peer, conn, echo, True))
     t0 = time.monotonic()
     writer.start()
     time.sleep(0.2)  # the fault's order (the echo first), not a wait for a condition
@@ -190,6 +190,26 @@ def test_a_writers_broken_pipe_lets_the_reader_tell_the_cause(
     assert "timed out" in str(info.value), info.value
     assert "Broken pipe" not in str(info.value)
     assert time.monotonic() - t0 < 5
+
+
+def test_a_writers_timeout_is_told_when_the_reader_saw_only_the_close(
+    proxied: tuple[int, FaultProxy], no_heartbeat: None
+) -> None:
+    """The other way round: a writer took the kernel's verdict (a timeout) and the reader
+    then saw only the close. The loss is told by the writer's cause, and the calls fail
+    through the reader, which declares the loss."""
+    pid, _proxy = proxied
+    group = _cluster.group()
+    peer = group.peer(pid)
+    assert peer is not None and peer.conn is not None
+    conn = peer.conn
+    fut = dx.remotecall(time.sleep, pid, 60)
+    group._write_failed(peer, conn, TimeoutError(errno.ETIMEDOUT, "Connection timed out"))
+    assert pid in dx.workers()  # not declared by the writer: the reader does that
+    group._peer_lost(peer, conn, EOFError("the peer closed the connection"))
+    with pytest.raises(dx.WorkerDiedError) as info:
+        fut.fetch(timeout=10)
+    assert "timed out" in str(info.value), info.value
 
 
 def test_short_blip_is_no_error(proxied: tuple[int, FaultProxy], fast_heartbeat: object) -> None:
