@@ -207,13 +207,14 @@ def _rebuild_future(where: WorkerId, rrid: RRID, token: Token) -> Future:
     if h.done() and h._result is not _NOT_HERE:
         _drop_token(where, rrid, token)  # we have its value: the owner need not keep it for us
         return h
+    g = _cluster.group()
+    if fresh and where != g.myid:
+        # Before the claim goes out: its owner may answer it with the value at once, and a
+        # DoneMsg for an rrid nobody awaits is dropped.
+        g.await_from(where, rrid, h)
     _claim(h, token, watch=fresh)
-    if fresh:
-        g = _cluster.group()
-        if where == g.myid:
-            store().watch_local(rrid, h)
-        else:
-            g.await_from(where, rrid, h)
+    if fresh and where == g.myid:
+        store().watch_local(rrid, h)
     return h
 
 

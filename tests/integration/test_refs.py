@@ -168,6 +168,34 @@ def test_unfetched_future_is_fetched_from_its_owner(three: list[int]) -> None:
     assert f.fetch() == "made on a"
 
 
+def _slow_await_from(delay: float) -> None:
+    """Make this process's unpickling of a Future handle slow at the point where it starts
+    awaiting the owner's answer (a thread descheduled there)."""
+    from distexec import _cluster
+
+    real = _cluster.ProcessGroup.await_from
+
+    def slow(self: object, *args: object) -> None:
+        time.sleep(delay)
+        real(self, *args)  # type: ignore[arg-type]
+
+    _cluster.ProcessGroup.await_from = slow  # type: ignore[method-assign]
+
+
+def test_a_slow_receiver_still_hears_a_passed_futures_value(no_leaked_workers: None) -> None:
+    """A Future passed to another worker: the receiver claims it at its owner, which answers
+    with the value as soon as it is ready. A receiver slow to register its wait must not
+    miss that answer (it did: the claim went out first, and the answer was dropped)."""
+    a, b = dx.addprocs(2)
+    try:
+        dx.remotecall_fetch(_slow_await_from, b, 0.2)
+        for _ in range(3):
+            f = dx.remotecall(time.sleep, a, 0.05)  # not ready when it is sent
+            assert dx.remotecall_fetch(lambda fut: fut.fetch(timeout=10), b, f) is None
+    finally:
+        dx.rmprocs(a, b)
+
+
 def test_large_value_goes_from_owner_to_third_worker_not_through_pid1(three: list[int]) -> None:
     np = pytest.importorskip("numpy")
     a, b, _ = three
