@@ -37,6 +37,7 @@ from . import _cluster, _timeouts
 from ._ids import WorkerId
 from .errors import (
     CapturedException,
+    ClusterClosedError,
     ClusterError,
     ProcessExitedException,
     RemoteException,
@@ -378,7 +379,10 @@ class _Engine:
         batched = not (len(unit.items) == 1 and self.batch_size == 1) and self.local_exec is None
         if not ok:
             lost = isinstance(value, ProcessExitedException)
-            if (lost or isinstance(value, TaskTimeoutError)) and self.pool is not None:
+            # Its worker died, was killed for a timeout, or was removed (rmprocs): a retry
+            # must not go there again.
+            gone = lost or isinstance(value, (TaskTimeoutError, ClusterClosedError))
+            if gone and self.pool is not None:
                 self.workers = _live(self.pool)
             if lost and unit.pid in self.killed:  # killed for another unit's timeout
                 self.ready.extend(zip(unit.indices, unit.items, strict=True))

@@ -152,6 +152,32 @@ def test_rmprocs_of_a_busy_worker(no_leaked_workers: None) -> None:
     dx.rmprocs(b)
 
 
+def _remove_after(pid: int, seconds: float) -> None:
+    time.sleep(seconds)  # the fault's timing, not a wait for a condition
+    dx.rmprocs(pid)
+
+
+def test_rmprocs_during_batched_pmap_with_one_retry(no_leaked_workers: None) -> None:
+    """E7 with batches and a single retry: the elements of the removed worker's batches
+    fail with ClusterClosedError and run again, on another worker, not on the removed one
+    (which the map's own list of workers still held: the retry was spent there)."""
+    for round_ in range(3):
+        pids = dx.addprocs(3)
+        t = threading.Thread(target=_remove_after, args=(pids[round_], 0.3))  # mid-map
+        t.start()
+        try:
+            out = dx.pmap(
+                lambda x: (time.sleep(0.008), x * x)[1],
+                range(300),
+                batch_size=5,
+                retry_delays=[0.0],
+            )
+            assert out == [x * x for x in range(300)]
+        finally:
+            t.join(60)
+            dx.rmprocs([p for p in pids if p in dx.workers()])
+
+
 def test_rmprocs_during_pmap_with_retries(no_leaked_workers: None) -> None:
     """E7: a worker removed in the middle of a pmap with retry_delays: its elements run
     again on the other workers; the output is exact."""
