@@ -191,7 +191,10 @@ def _spawn_loop() -> None:
         except Empty:
             with _spawner_lock:
                 # poll() may reap one that exited; Popen keeps its code for whoever stops it.
-                _children[:] = [p for p in _children if p.poll() is None]
+                gone = [p for p in _children if p.poll() is not None]
+                _children[:] = [p for p in _children if p.returncode is None]
+                for p in gone:
+                    _close_lifeline(p)
                 if not _children and _spawn_jobs.empty():
                     _spawner = None
                     return
@@ -206,6 +209,17 @@ def _spawn_loop() -> None:
             done.put((True, proc))
             del proc
         del argv, kwargs, done
+
+
+def _close_lifeline(proc: subprocess.Popen[bytes]) -> None:
+    """Close our end of an exited worker's stdin (its lifeline: a worker ends at EOF there).
+    Its Popen outlives it (the group keeps its config), and the pipe would stay open with
+    it, one descriptor per worker ever started. stdout and stderr are their readers'."""
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:  # pragma: no cover - a write to it had failed half-way
+            pass
 
 
 _SPAWNER_POLL = 0.2  # how often the spawner looks whether its children are all gone

@@ -29,6 +29,43 @@ def test_alone_the_master_is_its_own_worker() -> None:
     assert dx.nworkers() == 1
 
 
+def _open_fds() -> dict[int, str]:
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass  # the directory's own descriptor, gone by now
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_workers_added_and_removed_leave_no_descriptor_behind() -> None:
+    """Every worker ever started kept its stdin pipe open in the master (its Popen lives on
+    in the group's records): a descriptor per worker, until the process ran out. Removed,
+    killed or retired, a worker's pipes are closed once it has exited."""
+    first = dx.addprocs(2)  # a first round, for whatever opens once (the link poller)
+    assert [dx.remotecall_fetch(abs, p, -p) for p in first] == first
+    dx.rmprocs(first)
+    before = _open_fds()
+    for _ in range(3):
+        pids = dx.addprocs(2)
+        victim = dx.remotecall_fetch(os.getpid, pids[0])
+        os.kill(victim, signal.SIGKILL)
+        helpers.wait_until(lambda p=pids[0]: p not in dx.workers(), timeout=30, what="loss")
+        dx.rmprocs(pids[1])
+    with dx.DistributedExecutor(2) as ex:
+        assert ex.submit(abs, -3).result(timeout=30) == 3
+
+    def leaked() -> dict[int, str]:
+        return {fd: what for fd, what in _open_fds().items() if fd not in before}
+
+    try:
+        helpers.wait_until(lambda: not leaked(), timeout=30, what="the descriptors to close")
+    except AssertionError:
+        raise AssertionError(f"left open: {leaked()}") from None
+
+
 def test_pids_count_up_and_are_never_reused() -> None:
     first = dx.addprocs(2)
     assert first == sorted(first) and len(first) == 2
