@@ -91,6 +91,8 @@ def pmap(
     Raises:
         RemoteException: an element failed on a worker and was not handled or retried away.
         ProcessExitedException: a worker died with an element that was not retried.
+        ClusterClosedError: a worker was removed (``rmprocs``) with an element that was not
+            retried.
         TaskTimeoutError: an element ran past *timeout* and was not handled or retried away.
         ValueError, TypeError: bad arguments, before anything is sent.
     """
