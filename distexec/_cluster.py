@@ -1444,12 +1444,10 @@ class ProcessGroup:
                 self._await_verdict(peer, conn)
             self._peer_lost(peer, conn, error)
         elif first:
-            threading.Thread(
-                target=self._declare_unheard,
-                args=(peer, conn, error),
-                name="distexec-link-lost",
-                daemon=True,
-            ).start()
+            try:
+                self.runner.submit(self._declare_unheard, peer, conn, error)
+            except RuntimeError:  # the runner is closed: this process is ending
+                self._peer_lost(peer, conn, error)
 
     def _await_verdict(self, peer: Peer, conn: Connection) -> None:
         with peer.cond:
