@@ -190,11 +190,7 @@ def _spawn_loop() -> None:
             del job
         except Empty:
             with _spawner_lock:
-                # poll() may reap one that exited; Popen keeps its code for whoever stops it.
-                gone = [p for p in _children if p.poll() is not None]
-                _children[:] = [p for p in _children if p.returncode is None]
-                for p in gone:
-                    _close_lifeline(p)
+                _sweep_locked()
                 if not _children and _spawn_jobs.empty():
                     _spawner = None
                     return
@@ -206,9 +202,20 @@ def _spawn_loop() -> None:
         else:
             with _spawner_lock:
                 _children.append(proc)
+                _sweep_locked()  # under steady churn the loop never idles to sweep
             done.put((True, proc))
             del proc
         del argv, kwargs, done
+
+
+def _sweep_locked() -> None:
+    """Forget the children that have exited (``poll()`` may reap one; Popen keeps its code
+    for whoever stops it), and close their lifelines."""
+    gone = [p for p in _children if p.poll() is not None]
+    if gone:
+        _children[:] = [p for p in _children if p.returncode is None]
+        for p in gone:
+            _close_lifeline(p)
 
 
 def _close_lifeline(proc: subprocess.Popen[bytes]) -> None:

@@ -66,6 +66,25 @@ def test_workers_added_and_removed_leave_no_descriptor_behind() -> None:
         raise AssertionError(f"left open: {leaked()}") from None
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+def test_worker_churn_keeps_descriptors_flat() -> None:
+    """Workers replaced without a pause (``max_tasks_per_child=1``): the pipes of the ones
+    gone are closed as the new ones start, not only once starting pauses."""
+
+    def pipes() -> int:
+        return sum(what.startswith("pipe:") for what in _open_fds().values())
+
+    with dx.DistributedExecutor(2, max_tasks_per_child=1) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        before = pipes()
+        for i in range(15):
+            fs = [ex.submit(abs, -j) for j in range(4)]
+            assert [f.result(timeout=30) for f in fs] == list(range(4)), i
+        grown = pipes() - before
+        print(f"60 calls, a worker each: {grown} more pipes open than after the first")
+        assert grown <= 12  # the workers alive now and the ones starting: not one per call
+
+
 def test_pids_count_up_and_are_never_reused() -> None:
     first = dx.addprocs(2)
     assert first == sorted(first) and len(first) == 2
