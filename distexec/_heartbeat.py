@@ -198,8 +198,24 @@ class _Monitor:
                     pass
             return
         sent_at = ping.sent_at
-        if sent_at is None or now - sent_at < s.timeout:
-            return  # still being written behind a large message, or not late yet
+        if sent_at is None:
+            # The ping waits to be written, behind a large message or a full socket. Over
+            # TCP the kernel ends a link that takes no bytes (TCP_USER_TIMEOUT); over
+            # AF_UNIX or a pipe nothing would, so a worker that stopped reading (stopped,
+            # hung) is found here: no piece of a write has gone out for a whole timeout.
+            if _kernel_times_out(conn):
+                return
+            moved = max(ping.started, conn.write_progress)
+            if now - moved < s.timeout:
+                return
+            self._unresponsive(
+                peer,
+                f"it took none of the bytes sent to it for {now - moved:.1f} s (heartbeat "
+                f"timeout {s.timeout:g} s): stopped, hung, or holding the GIL in a long C call",
+            )
+            return
+        if now - sent_at < s.timeout:
+            return  # not late yet
         silent_for = _silent_for(conn)  # since the kernel last received data from it
         if silent_for is not None and silent_for < now - sent_at:
             # Data arrived after the ping left: a busy link, not a dead worker.
@@ -211,13 +227,16 @@ class _Monitor:
             ping.sent_at = now
             ping.received = conn.bytes_received
             return
-        del self._pings[peer.pid]
-        self.unresponsive += 1
-        reason = ExitReason(
+        self._unresponsive(
+            peer,
             f"it did not answer a heartbeat for {now - sent_at:.1f} s (heartbeat timeout "
             f"{s.timeout:g} s): stopped, hung, cut off, or holding the GIL in a long C call",
-            kind="unresponsive",
         )
+
+    def _unresponsive(self, peer: Peer, why: str) -> None:
+        del self._pings[peer.pid]
+        self.unresponsive += 1
+        reason = ExitReason(why, kind="unresponsive")
         _cluster._log(f"worker {peer.pid} is unresponsive; killing it")
         threading.Thread(
             target=kill_worker, args=(peer.pid, reason), name="distexec-kill", daemon=True
@@ -230,6 +249,12 @@ def _send_ping(g: _cluster.ProcessGroup, pid: WorkerId, ping: _Ping) -> None:
         g.send_call(pid, cid, parts, ping)
     finally:
         ping.sent_at = time.monotonic()
+
+
+def _kernel_times_out(conn: object) -> bool:
+    """Whether *conn* runs over TCP, whose kernel ends a link that stops taking bytes."""
+    family = getattr(getattr(conn, "sock", None), "family", None)
+    return family in (socket.AF_INET, socket.AF_INET6)
 
 
 def _live_workers(g: _cluster.ProcessGroup) -> list[Peer]:

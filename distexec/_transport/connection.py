@@ -52,6 +52,7 @@ class Connection:
         "session_key",
         "sock",
         "write_error",
+        "write_progress",
     )
 
     def __init__(
@@ -75,6 +76,9 @@ class Connection:
         self.bytes_received = 0
         self.reading = 0  # who reads: the cluster layer's business (see _cluster.ReadToken)
         self.write_error: BaseException | None = None  # the first failed write's (ditto)
+        # While a large message is being written: when the link last took a piece of it
+        # (monotonic seconds); 0.0 otherwise. A peer that stopped reading stops it moving.
+        self.write_progress = 0.0
         cap = hello.info.get("max_frame")
         if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
             cap = _config.MAX_FRAME_BYTES  # a peer that does not say: assume ours
@@ -100,12 +104,31 @@ class Connection:
         """
         if len(parts) > 1 or len(parts[0]) > self._first_cap:
             framing.check_sizes(parts, self.peer_max_frame, self.label)
+        if len(parts) > 1 or len(parts[0]) > _LARGE:
+            self._send_large(parts)
+            return
         if self._send_mac is not None:
-            self._send_sealed(parts)
+            self._send_sealed(parts, self.sock)
             return
         with self._send_lock:
             framing.send_parts(self.sock, parts)
-            self.bytes_sent += sum(memoryview(p).nbytes for p in parts)
+            self.bytes_sent += len(parts[0])
+
+    def _send_large(self, parts: Sequence[bytes | memoryview]) -> None:
+        """:meth:`send` of a message that may take a while: written in pieces, each noted in
+        :attr:`write_progress` (the heartbeat tells a slow link from a peer that stopped
+        reading by it)."""
+        with self._send_lock:
+            self.write_progress = time.monotonic()
+            try:
+                sock = _Progressing(self.sock, self)
+                if self._send_mac is not None:
+                    self._write_sealed(parts, sock)
+                else:
+                    framing.send_parts(sock, parts)
+                    self.bytes_sent += sum(memoryview(p).nbytes for p in parts)
+            finally:
+                self.write_progress = 0.0
 
     def send_many(self, messages: Sequence[Sequence[bytes | memoryview]]) -> None:
         """Write several packed messages in order, in as few system calls as the kernel
@@ -116,28 +139,32 @@ class Connection:
                 raise ValueError("send_many takes small one-part messages only")
         if self._send_mac is not None:
             for parts in messages:
-                self._send_sealed(parts)
+                self._send_sealed(parts, self.sock)
             return
         pieces = [parts[0] for parts in messages]
         with self._send_lock:
             framing.send_parts(self.sock, pieces)
             self.bytes_sent += sum(len(p) for p in pieces)
 
-    def _send_sealed(self, parts: Sequence[bytes | memoryview]) -> None:
+    def _send_sealed(self, parts: Sequence[bytes | memoryview], sock: Any) -> None:
         with self._send_lock:  # the sequence number is the order of writing: take it here
-            seq = self._send_seq
-            mac = self._send_mac
-            assert mac is not None
-            if len(parts) == 1 and (size := len(parts[0])) <= integrity.SMALL_MAX:
-                self.sock.sendall(framing.seal_one(parts[0], seq, mac))  # the usual message
-            else:
-                size = sum(memoryview(p).nbytes for p in parts)
-                framing.send_sealed(self.sock, parts, seq, mac, size)
-            seq += 1
-            self._send_seq = seq
-            if not seq & integrity.SEQ_MASK:  # a new 2**32 epoch: a new key
-                self._send_mac = integrity.keyed(self._send_key, seq)
-            self.bytes_sent += size + integrity.MAC_SIZE
+            self._write_sealed(parts, sock)
+
+    def _write_sealed(self, parts: Sequence[bytes | memoryview], sock: Any) -> None:
+        """Seal *parts* with the next sequence number and write them (under the send lock)."""
+        seq = self._send_seq
+        mac = self._send_mac
+        assert mac is not None
+        if len(parts) == 1 and (size := len(parts[0])) <= integrity.SMALL_MAX:
+            sock.sendall(framing.seal_one(parts[0], seq, mac))  # the usual message
+        else:
+            size = sum(memoryview(p).nbytes for p in parts)
+            framing.send_sealed(sock, parts, seq, mac, size)
+        seq += 1
+        self._send_seq = seq
+        if not seq & integrity.SEQ_MASK:  # a new 2**32 epoch: a new key
+            self._send_mac = integrity.keyed(self._send_key, seq)
+        self.bytes_sent += size + integrity.MAC_SIZE
 
     def name_peer(self, label: str) -> None:
         """Call the peer *label* in error messages from now on (once it is known who it is)."""
@@ -351,3 +378,45 @@ def accept(
         ssl_context=ssl_context,
         tls_server_side=True,
     )
+
+
+#: A message over this many bytes (or in several parts) is written in pieces, with progress.
+_LARGE = 256 * 1024
+#: The size of those pieces.
+_PIECE = 4 << 20
+
+
+class _Progressing:
+    """*sock* for one large write: each piece that goes out is noted in the connection's
+    ``write_progress``. A ``sendall`` of hundreds of megabytes is one system call that may
+    block for long; in pieces, a link still taking bytes is told from one that stopped."""
+
+    __slots__ = ("_conn", "_sock")
+
+    def __init__(self, sock: Any, conn: Connection) -> None:
+        self._sock = sock
+        self._conn = conn
+
+    def sendall(self, data: bytes | bytearray | memoryview, /) -> None:
+        view = memoryview(data).cast("B")
+        for at in range(0, view.nbytes, _PIECE):
+            self._sock.sendall(view[at : at + _PIECE])
+            self._conn.write_progress = time.monotonic()
+
+    def sendmsg(self, buffers: Sequence[bytes | memoryview], /) -> int:
+        piece: list[bytes | memoryview] = []
+        room = _PIECE
+        for buf in buffers:
+            view = memoryview(buf).cast("B")
+            if view.nbytes >= room:
+                piece.append(view[:room])
+                break
+            piece.append(view)
+            room -= view.nbytes
+        sent: int = self._sock.sendmsg(piece)
+        self._conn.write_progress = time.monotonic()
+        return sent
+
+    def recv_into(self, buf: memoryview, nbytes: int = 0, /) -> int:
+        n: int = self._sock.recv_into(buf, nbytes)
+        return n

@@ -220,6 +220,41 @@ def test_stopped_worker_is_declared_unresponsive(fast_heartbeat: object) -> None
     assert pid not in dx.workers()
 
 
+def test_stopped_worker_is_found_while_a_large_argument_is_written_to_it(
+    fast_heartbeat: _heartbeat.HeartbeatSettings,
+) -> None:
+    """A7 with a large argument on its way: the write blocks once the stopped worker's
+    socket is full, and the heartbeat's ping waits behind it. Over AF_UNIX no kernel timeout
+    ends that; the heartbeat sees that no byte has gone out for its timeout (it hung)."""
+    (pid,) = dx.addprocs(1)
+    ospid = dx.remotecall_fetch(os.getpid, pid)
+    os.kill(ospid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(dx.WorkerUnresponsiveError) as info:
+        dx.remotecall_fetch(len, pid, bytes(8 << 20))
+    elapsed = time.monotonic() - t0
+    print(f"stopped worker with 8 MB on its way declared unresponsive after {elapsed:.2f} s")
+    assert "took none of the bytes" in str(info.value)
+    assert fast_heartbeat.interval is not None
+    assert elapsed < fast_heartbeat.timeout + fast_heartbeat.interval + 5
+    helpers.wait_until(lambda: not psutil.pid_exists(ospid), timeout=10, what="the kill")
+
+
+def test_large_transfers_to_a_live_worker_are_no_error(fast_heartbeat: object) -> None:
+    """The other side of that check: a worker that takes large arguments and gives large
+    results back, while the heartbeat looks every 0.2 s, is never found unresponsive."""
+    (pid,) = dx.addprocs(1)
+    try:
+        before = _heartbeat.statistics().unresponsive
+        data = bytes(64 << 20)
+        for _ in range(3):
+            assert dx.remotecall_fetch(len, pid, data) == len(data)
+            assert len(dx.remotecall_fetch(bytes, pid, 64 << 20)) == 64 << 20
+        assert _heartbeat.statistics().unresponsive == before
+    finally:
+        dx.rmprocs(pid)
+
+
 def test_sigcont_before_the_timeout_is_no_error(fast_heartbeat: object) -> None:
     """A7: a worker stopped for less than the heartbeat timeout is left alone."""
     (pid,) = dx.addprocs(1)
