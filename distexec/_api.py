@@ -771,6 +771,11 @@ def interrupt(*pids: WorkerId | Iterable[WorkerId]) -> None:
     if not flat:
         flat = [p for p in g.procs() if p != MASTER]
     for pid in flat:
+        if pid == g.myid:
+            raise ValueError(
+                f"interrupt: pid {pid} is this process; it interrupts workers only "
+                "(here, a KeyboardInterrupt is Ctrl-C)"
+            )
         g.check_pid(pid)
     for pid in flat:
         peer = g.peer(pid)

@@ -246,6 +246,9 @@ def test_spawnat_and_fetchfrom_bad_pid(
 def test_interrupt_of_an_unknown_pid_is_a_clear_error(cluster: list[int]) -> None:
     with pytest.raises(ValueError, match="no process with id 4242"):
         dx.interrupt(4242)
+    with pytest.raises(ValueError, match="pid 1 is this process"):
+        dx.interrupt(1)  # was a bare KeyError
+    assert dx.remotecall_fetch(abs, cluster[0], -1) == 1  # nothing was sent anywhere
 
 
 def test_spawnat_unpicklable_argument_sends_nothing(cluster: list[int]) -> None:
