@@ -314,6 +314,8 @@ class ProcessGroup:
             return pid
         peer = self._peers.get(pid)
         if peer is None or peer.state is PeerState.TERMINATED or pid in self._removed:
+            if peer is not None and not peer.closing and peer.state is PeerState.TERMINATED:
+                raise self._lost_error(peer)  # it died: how (WorkerDiedError, with its cause)
             if pid in self._removed or (peer is not None):
                 reason = peer.exit_reason if peer is not None and peer.exit_reason else "removed"
                 raise ProcessExitedException(

@@ -118,6 +118,26 @@ def test_rmprocs_leaves_no_process_and_fails_fast_afterwards() -> None:
         dx.remotecall_fetch(abs, pids[0], 1)
 
 
+def test_a_call_to_a_worker_known_dead_says_how_it_died() -> None:
+    """After a worker died, a new call to it fails at once with the same WorkerDiedError its
+    calls in flight got (exit code or signal, the cause), not a bare ProcessExitedException;
+    after rmprocs it says the worker was removed."""
+    pids = dx.addprocs(2)
+    try:
+        os.kill(dx.remotecall_fetch(helpers.ospid, pids[0]), signal.SIGKILL)
+        helpers.wait_until(lambda: pids[0] not in dx.workers(), timeout=30, what="the loss")
+        with pytest.raises(dx.WorkerDiedError, match="SIGKILL") as info:
+            dx.remotecall_fetch(abs, pids[0], 1)
+        assert info.value.signal == signal.SIGKILL
+        with pytest.raises(dx.WorkerDiedError):
+            dx.remotecall(abs, pids[0], 1)
+    finally:
+        dx.rmprocs(pids[1])
+    with pytest.raises(dx.ProcessExitedException, match="removed by rmprocs") as removed:
+        dx.remotecall_fetch(abs, pids[1], 1)
+    assert not isinstance(removed.value, dx.WorkerDiedError)
+
+
 def test_rmprocs_waitfor_zero_returns_a_handle() -> None:
     pids = dx.addprocs(1)
     handle = dx.rmprocs(pids, waitfor=0)
