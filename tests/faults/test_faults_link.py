@@ -24,6 +24,7 @@ import distexec as dx
 from distexec import _cluster, _heartbeat
 from distexec._protocol import codec
 from distexec._transport import framing
+from distexec._transport.connection import Connection
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -164,6 +165,14 @@ def test_blackhole_with_data_in_flight_is_found_by_tcp_user_timeout(
     assert elapsed < 60
 
 
+def _link(pid: int) -> tuple[_cluster.ProcessGroup, _cluster.Peer, Connection]:
+    """This process's group, *pid*'s peer record and its live connection."""
+    group = _cluster.group()
+    peer = group.peer(pid)
+    assert peer is not None and peer.conn is not None
+    return group, peer, peer.conn
+
+
 def test_a_writers_broken_pipe_lets_the_reader_tell_the_cause(
     proxied: tuple[int, FaultProxy], no_heartbeat: None
 ) -> None:
@@ -172,10 +181,7 @@ def test_a_writers_broken_pipe_lets_the_reader_tell_the_cause(
     the reader's cause, whichever thread reports first. The race is forced here: the writer's
     echo first, the reader's verdict a moment later, on a real link."""
     pid, _proxy = proxied
-    group = _cluster.group()
-    peer = group.peer(pid)
-    assert peer is not None and peer.conn is not None
-    conn = peer.conn
+    group, peer, conn = _link(pid)
     fut = dx.remotecall(time.sleep, pid, 60)
     echo = BrokenPipeError(errno.EPIPE, "Broken pipe")
     writer = threading.Thread(target=group._write_failed, args=(peer, conn, echo, True))
@@ -199,10 +205,7 @@ def test_a_writers_timeout_is_told_when_the_reader_saw_only_the_close(
     then saw only the close. The loss is told by the writer's cause, and the calls fail
     through the reader, which declares the loss."""
     pid, _proxy = proxied
-    group = _cluster.group()
-    peer = group.peer(pid)
-    assert peer is not None and peer.conn is not None
-    conn = peer.conn
+    group, peer, conn = _link(pid)
     fut = dx.remotecall(time.sleep, pid, 60)
     group._write_failed(peer, conn, TimeoutError(errno.ETIMEDOUT, "Connection timed out"))
     assert pid in dx.workers()  # not declared by the writer: the reader does that
