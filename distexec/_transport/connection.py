@@ -41,6 +41,7 @@ class Connection:
         "_send_lock",
         "_send_mac",
         "_send_seq",
+        "_small_max",
         "bytes_received",
         "bytes_sent",
         "integrity",
@@ -85,6 +86,8 @@ class Connection:
         self.peer_max_frame: int = cap
         # A one-part message (no buffers) whose first part is at most this is under the cap.
         self._first_cap = cap + framing.HEADER_SIZE
+        # A one-part message up to this goes the short way (no size check, one write).
+        self._small_max = min(self._first_cap, _LARGE)
         self._send_seq = 1
         self._send_key = b""
         self._send_mac: integrity.Keyed | None = None
@@ -102,11 +105,12 @@ class Connection:
             FrameTooLargeError: the body or a buffer is over the peer's frame cap; nothing
                 was written and the link is fine.
         """
-        if len(parts) > 1 or len(parts[0]) > self._first_cap:
-            framing.check_sizes(parts, self.peer_max_frame, self.label)
-        if len(parts) > 1 or len(parts[0]) > _LARGE:
-            self._send_large(parts)
-            return
+        if len(parts) > 1 or len(parts[0]) > self._small_max:
+            if len(parts) > 1 or len(parts[0]) > self._first_cap:
+                framing.check_sizes(parts, self.peer_max_frame, self.label)
+            if len(parts) > 1 or len(parts[0]) > _LARGE:
+                self._send_large(parts)
+                return
         if self._send_mac is not None:
             self._send_sealed(parts, self.sock)
             return
@@ -416,7 +420,3 @@ class _Progressing:
         sent: int = self._sock.sendmsg(piece)
         self._conn.write_progress = time.monotonic()
         return sent
-
-    def recv_into(self, buf: memoryview, nbytes: int = 0, /) -> int:
-        n: int = self._sock.recv_into(buf, nbytes)
-        return n

@@ -61,9 +61,12 @@ _MMAP_THRESHOLD = 1 << 20
 _STAGING = 1 << 18
 
 
-class FrameSocket(Protocol):
+class FrameWriter(Protocol):
     def sendall(self, data: bytes | bytearray | memoryview, /) -> None: ...
     def sendmsg(self, buffers: Sequence[bytes | memoryview], /) -> int: ...
+
+
+class FrameSocket(FrameWriter, Protocol):
     def recv_into(self, buf: memoryview, nbytes: int = 0, /) -> int: ...
 
 
@@ -117,7 +120,7 @@ def flagged(parts: list[bytes | memoryview], flags: int) -> list[bytes | memoryv
     return [bytes(first), *parts[1:]]
 
 
-def send_parts(sock: FrameSocket, parts: Sequence[Buffer]) -> None:
+def send_parts(sock: FrameWriter, parts: Sequence[Buffer]) -> None:
     """Write all *parts* in order, gathering them into as few system calls as possible."""
     if len(parts) == 1:
         sock.sendall(parts[0])
@@ -182,7 +185,7 @@ def _sealed_header(first: memoryview, seq: int) -> bytearray:
 
 
 def send_sealed(
-    sock: FrameSocket, parts: Sequence[bytes | memoryview], seq: int, mac: Keyed, size: int
+    sock: FrameWriter, parts: Sequence[bytes | memoryview], seq: int, mac: Keyed, size: int
 ) -> None:
     """:func:`seal` *parts* (*size* bytes) and write them. A large message is hashed and
     written in steps, the MAC last, so the peer hashes what arrived while this side hashes
